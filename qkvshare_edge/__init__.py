@@ -1,0 +1,34 @@
+"""qkvshare_edge: hand a llama.cpp KV cache from one agent to another as a CacheCard."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .card import CacheCard
+from .errors import (
+    BudgetError,
+    CardChecksumError,
+    CardFormatError,
+    ContextTooSmallError,
+    ImportFailedError,
+    ModelMismatchError,
+    QKVShareError,
+    SequenceNotEmptyError,
+    StateFormatError,
+)
+from .llama import Llama
+
+__all__ = [
+    "BudgetError",
+    "CacheCard",
+    "CardChecksumError",
+    "CardFormatError",
+    "ContextTooSmallError",
+    "ImportFailedError",
+    "Llama",
+    "ModelMismatchError",
+    "QKVShareError",
+    "SequenceNotEmptyError",
+    "StateFormatError",
+    "__version__",
+]

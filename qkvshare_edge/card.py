@@ -1,0 +1,519 @@
+"""CacheCard: a self-contained, quantized copy of one sequence's KV cache.
+
+The container is GGUF (little-endian, 32-byte aligned tensor data), written
+and read with the `gguf` package; `docs/cachecard.md` specifies every key and
+tensor. A card holds no llama.cpp cache type, V layout, n_ctx or seq_id, so
+any context of the same model can import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from . import __version__, codec
+from .errors import CardChecksumError, CardFormatError
+from .fingerprint import ModelFingerprint
+
+logger = logging.getLogger(__name__)
+
+CARD_FORMAT_VERSION = 1
+CARD_ARCHITECTURE = "cachecard"
+CARD_SUFFIX = ".qkvc"
+
+# Bounds checked before any array is used; no real card comes close.
+MAX_TOKENS = 1 << 24
+MAX_SECTIONS = 8
+MAX_LAYERS = 4096
+MAX_ROW_ELEMENTS = 1 << 20
+MIN_GROUP_SIZE = 8
+MAX_GROUP_SIZE = 4096
+
+_KEY = "cachecard."
+
+
+@dataclass
+class CardLayer:
+    """K and V rows of one layer of one section, encoded by the codec."""
+
+    n_embd_k: int
+    n_embd_v: int
+    k_bits: np.ndarray  # (n_cells,) uint8 width per row
+    k_codes: np.ndarray  # (bytes,) uint8, rows in position order
+    v_bits: np.ndarray  # (n_cells,) uint8
+    v_codes: np.ndarray  # (bytes,) uint8
+
+
+@dataclass
+class CardSection:
+    """The cells one KV cache of the model keeps (iSWA models: full, then sliding-window)."""
+
+    positions: np.ndarray  # (n_cells,) int32, strictly ascending
+    layers: list[CardLayer]
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@dataclass
+class Provenance:
+    """How a card was made."""
+
+    budget_bits: float
+    controller: str
+    hop: int = 1
+    parent_sha256: str = ""
+    producer: str = f"qkvshare_edge {__version__}"
+
+
+@dataclass
+class CacheCard:
+    """A quantized, self-contained KV cache of one sequence.
+
+    `token_ids[i]` is the token at `positions[i]`; each section lists the
+    positions its cache keeps, a subset of `positions`.
+    """
+
+    model: ModelFingerprint
+    token_ids: np.ndarray  # (n_tokens,) int32
+    positions: np.ndarray  # (n_tokens,) int32, strictly ascending
+    sections: list[CardSection]
+    group_size: int
+    provenance: Provenance
+    # Context settings that change K (RoPE) and must match on import; 0 means the model's default.
+    rope_freq_base: float = 0.0
+    rope_freq_scale: float = 0.0
+    # SHA-256 of the file bytes, set by save() and load().
+    sha256: str = field(default="", compare=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of codes, scales and width tags, the quantity the budget bounds."""
+        total = 0
+        for section in self.sections:
+            for layer in section.layers:
+                total += layer.k_codes.nbytes + layer.v_codes.nbytes + layer.k_bits.nbytes + layer.v_bits.nbytes
+        return total
+
+    @property
+    def n_elements(self) -> int:
+        """K/V elements the card stores."""
+        return sum(s.n_cells * (layer.n_embd_k + layer.n_embd_v) for s in self.sections for layer in s.layers)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Effective bits per K/V element, every payload byte counted."""
+        return 8.0 * self.payload_bytes / max(1, self.n_elements)
+
+    def width_histogram(self) -> dict[int, int]:
+        """Return {width: number of rows} over all layers, K and V together."""
+        counts: dict[int, int] = {}
+        for section in self.sections:
+            for layer in section.layers:
+                for bits in (layer.k_bits, layer.v_bits):
+                    values, n = np.unique(bits, return_counts=True)
+                    for v, c in zip(values, n, strict=True):
+                        counts[int(v)] = counts.get(int(v), 0) + int(c)
+        return dict(sorted(counts.items()))
+
+    def decode_layer(self, section: int, layer: int, n_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Decode one layer to float32 K (n_cells, n_embd_k) and V (n_cells, n_embd_v)."""
+        item = self.sections[section].layers[layer]
+        k = codec.decode(item.k_codes, item.k_bits, item.n_embd_k, self.group_size, n_threads)
+        v = codec.decode(item.v_codes, item.v_bits, item.n_embd_v, self.group_size, n_threads)
+        return k, v
+
+    # -- writing -----------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Serialize the card to GGUF bytes."""
+        with tempfile.TemporaryDirectory(prefix="qkvcard-") as tmp:
+            path = Path(tmp) / "card.qkvc"
+            _write_gguf(self, path)
+            data = path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        return data
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the card to `path` atomically (temporary file, fsync, rename).
+
+        A crash during the write leaves any existing file at `path` as it was.
+        Returns the path written.
+        """
+        target = Path(path)
+        directory = target.parent if str(target.parent) else Path(".")
+        if not directory.is_dir():
+            raise FileNotFoundError(f"directory {directory} does not exist; create it or choose another path")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            _write_gguf(self, tmp)
+            with tmp.open("rb+") as f:
+                self.sha256 = hashlib.sha256(f.read()).hexdigest()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        logger.debug("wrote card %s (%d bytes, sha256 %s)", target, target.stat().st_size, self.sha256[:16])
+        return target
+
+    # -- reading -----------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CacheCard:
+        """Read and verify a card file.
+
+        Raises:
+            FileNotFoundError: when the file does not exist.
+            CardFormatError: when the file is not a valid CacheCard of a supported version.
+            CardChecksumError: when a checksum does not match (the message names the tensor).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"card file {path} not found")
+        size = path.stat().st_size
+        if size == 0:
+            raise CardFormatError(f"card file {path} is empty (0 bytes); export the card again")
+        data = path.read_bytes()
+        card = _read_gguf(path, str(path))
+        card.sha256 = hashlib.sha256(data).hexdigest()
+        return card
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CacheCard:
+        """Parse and verify a card from bytes (for example an HTTP body). Raises like `load`."""
+        if not data:
+            raise CardFormatError("card is empty (0 bytes)")
+        with tempfile.TemporaryDirectory(prefix="qkvcard-") as tmp:
+            path = Path(tmp) / "card.qkvc"
+            path.write_bytes(data)
+            card = _read_gguf(path, "card bytes")
+        card.sha256 = hashlib.sha256(data).hexdigest()
+        return card
+
+
+# -- GGUF mapping -------------------------------------------------------------
+
+
+def _tensor_names(n_sections: int, n_layers: list[int]) -> list[str]:
+    names = ["token_ids", "positions"]
+    for s in range(n_sections):
+        names.append(f"sec.{s}.positions")
+        for j in range(n_layers[s]):
+            names += [f"sec.{s}.blk.{j}.{part}" for part in ("k_bits", "k_codes", "v_bits", "v_codes")]
+    return names
+
+
+def _tensor_arrays(card: CacheCard) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {
+        "token_ids": np.ascontiguousarray(card.token_ids, dtype=np.int32),
+        "positions": np.ascontiguousarray(card.positions, dtype=np.int32),
+    }
+    for s, section in enumerate(card.sections):
+        arrays[f"sec.{s}.positions"] = np.ascontiguousarray(section.positions, dtype=np.int32)
+        for j, layer in enumerate(section.layers):
+            prefix = f"sec.{s}.blk.{j}."
+            # GGUF has no unsigned 8-bit tensor type, so bytes are stored as I8.
+            arrays[prefix + "k_bits"] = np.ascontiguousarray(layer.k_bits, dtype=np.uint8).view(np.int8)
+            arrays[prefix + "k_codes"] = np.ascontiguousarray(layer.k_codes, dtype=np.uint8).view(np.int8)
+            arrays[prefix + "v_bits"] = np.ascontiguousarray(layer.v_bits, dtype=np.uint8).view(np.int8)
+            arrays[prefix + "v_codes"] = np.ascontiguousarray(layer.v_codes, dtype=np.uint8).view(np.int8)
+    return arrays
+
+
+def _header_values(card: CacheCard) -> dict[str, Any]:
+    """The card's metadata keys in writing order, checksums excluded."""
+    values: dict[str, Any] = {
+        _KEY + "format_version": CARD_FORMAT_VERSION,
+        _KEY + "producer": card.provenance.producer,
+        _KEY + "model.architecture": card.model.architecture,
+        _KEY + "model.fingerprint": card.model.to_json(),
+        _KEY + "model.id": card.model.model_id,
+        _KEY + "context.rope_freq_base": float(card.rope_freq_base),
+        _KEY + "context.rope_freq_scale": float(card.rope_freq_scale),
+        _KEY + "n_tokens": card.n_tokens,
+        _KEY + "group_size": int(card.group_size),
+        _KEY + "n_section": len(card.sections),
+    }
+    for s, section in enumerate(card.sections):
+        values[_KEY + f"section.{s}.n_layer"] = len(section.layers)
+        values[_KEY + f"section.{s}.n_embd_k"] = [int(layer.n_embd_k) for layer in section.layers]
+        values[_KEY + f"section.{s}.n_embd_v"] = [int(layer.n_embd_v) for layer in section.layers]
+    values[_KEY + "budget_bits"] = float(card.provenance.budget_bits)
+    values[_KEY + "bits_per_element"] = float(card.bits_per_element)
+    values[_KEY + "controller"] = card.provenance.controller
+    values[_KEY + "hop"] = int(card.provenance.hop)
+    values[_KEY + "parent_sha256"] = card.provenance.parent_sha256
+    return values
+
+
+def _canonical(values: dict[str, Any]) -> bytes:
+    """Canonical JSON of header values; f32 keys are rounded as the file stores them."""
+    rounded = {k: float(np.float32(v)) if isinstance(v, float) else v for k, v in values.items()}
+    return json.dumps(rounded, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _write_gguf(card: CacheCard, path: Path) -> None:
+    _validate(card, "card")
+    arrays = _tensor_arrays(card)
+    header = _header_values(card)
+
+    payload = hashlib.sha256()
+    crcs = []
+    for array in arrays.values():
+        raw = array.tobytes()
+        payload.update(raw)
+        crcs.append(zlib.crc32(raw))
+
+    writer = gguf.GGUFWriter(path, CARD_ARCHITECTURE)
+    writer.add_type(CARD_ARCHITECTURE)
+    for key, value in header.items():
+        if isinstance(value, bool):
+            raise TypeError(f"{key}: booleans are not used in the card header")
+        if key == _KEY + "n_tokens":
+            writer.add_uint64(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            # add_string() skips empty strings, and an empty parent digest is a valid value.
+            writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
+        else:
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+    writer.add_string(_KEY + "header.sha256", hashlib.sha256(_canonical(header)).hexdigest())
+    writer.add_string(_KEY + "payload.sha256", payload.hexdigest())
+    writer.add_key_value(_KEY + "payload.crc32", crcs, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+    for name, array in arrays.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+class _Fields:
+    """Typed access to a GGUF reader's metadata with errors that name the key."""
+
+    def __init__(self, reader: gguf.GGUFReader, source: str) -> None:
+        self.reader = reader
+        self.source = source
+
+    def get(self, key: str, kind: type) -> Any:
+        field_ = self.reader.get_field(key)
+        if field_ is None:
+            raise CardFormatError(f"{self.source}: missing metadata key {key}; the card is incomplete or not a card")
+        try:
+            value = field_.contents()
+        except Exception as exc:  # the gguf package raises assorted errors on corrupt fields
+            raise CardFormatError(f"{self.source}: unreadable metadata key {key}: {exc}") from exc
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is list:
+            if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+                raise CardFormatError(f"{self.source}: metadata key {key} must be an integer array")
+            return value
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CardFormatError(
+                f"{self.source}: metadata key {key} has type {type(value).__name__}, expected {kind.__name__}"
+            )
+        return value
+
+
+def _bounded(source: str, key: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise CardFormatError(f"{source}: {key} = {value} is out of range [{low}, {high}]")
+    return value
+
+
+def _read_gguf(path: Path, source: str) -> CacheCard:
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the gguf package raises assorted errors on corrupt headers
+        raise CardFormatError(f"{source} is not a readable GGUF file: {exc}") from exc
+
+    fields = _Fields(reader, source)
+    arch = fields.get("general.architecture", str)
+    if arch != CARD_ARCHITECTURE:
+        raise CardFormatError(
+            f"{source} is a GGUF file of architecture {arch!r}, not a CacheCard ({CARD_ARCHITECTURE!r}); "
+            "pass a card written by export_card or `qkvedge card export`"
+        )
+    version = fields.get(_KEY + "format_version", int)
+    if version != CARD_FORMAT_VERSION:
+        hint = (
+            "upgrade qkvshare_edge to read it"
+            if version > CARD_FORMAT_VERSION
+            else "export the card again with this version"
+        )
+        raise CardFormatError(
+            f"{source}: card format version {version} is not supported "
+            f"(this qkvshare_edge reads version {CARD_FORMAT_VERSION}); {hint}"
+        )
+
+    n_tokens = _bounded(source, "n_tokens", fields.get(_KEY + "n_tokens", int), 1, MAX_TOKENS)
+    group_size = _bounded(source, "group_size", fields.get(_KEY + "group_size", int), MIN_GROUP_SIZE, MAX_GROUP_SIZE)
+    n_section = _bounded(source, "n_section", fields.get(_KEY + "n_section", int), 1, MAX_SECTIONS)
+    n_layers, n_embd_k, n_embd_v = [], [], []
+    for s in range(n_section):
+        n_layer = _bounded(
+            source, f"section {s} n_layer", fields.get(_KEY + f"section.{s}.n_layer", int), 1, MAX_LAYERS
+        )
+        ks = fields.get(_KEY + f"section.{s}.n_embd_k", list)
+        vs = fields.get(_KEY + f"section.{s}.n_embd_v", list)
+        if len(ks) != n_layer or len(vs) != n_layer:
+            raise CardFormatError(f"{source}: section {s} lists {len(ks)}/{len(vs)} row sizes for {n_layer} layers")
+        for j, n in enumerate(ks + vs):
+            _bounded(source, f"section {s} row size {j}", n, 1, MAX_ROW_ELEMENTS)
+        n_layers.append(n_layer)
+        n_embd_k.append(ks)
+        n_embd_v.append(vs)
+
+    # Tensors: exactly the expected names, each with its checksum.
+    expected = _tensor_names(n_section, n_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    missing = [name for name in expected if name not in tensors]
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CardFormatError(
+            f"{source}: tensor list does not match the header (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    crcs = fields.get(_KEY + "payload.crc32", list)
+    if len(crcs) != len(expected):
+        raise CardFormatError(f"{source}: {len(crcs)} tensor checksums for {len(expected)} tensors")
+    payload = hashlib.sha256()
+    arrays: dict[str, np.ndarray] = {}
+    for name, crc in zip(expected, crcs, strict=True):
+        tensor = tensors[name]
+        want = (
+            gguf.GGMLQuantizationType.I32
+            if name.endswith("positions") or name == "token_ids"
+            else gguf.GGMLQuantizationType.I8
+        )
+        if tensor.tensor_type != want:
+            raise CardFormatError(f"{source}: tensor {name} has type {tensor.tensor_type.name}, expected {want.name}")
+        raw = np.array(tensor.data, copy=True).reshape(-1)
+        data = raw.tobytes()
+        if zlib.crc32(data) != crc:
+            raise CardChecksumError(
+                f"{source}: checksum mismatch in tensor {name} ({_describe_tensor(name)}); "
+                "the card is corrupt, export or transfer it again"
+            )
+        payload.update(data)
+        arrays[name] = raw.view(np.uint8) if tensor.tensor_type == gguf.GGMLQuantizationType.I8 else raw
+    if payload.hexdigest() != fields.get(_KEY + "payload.sha256", str):
+        raise CardChecksumError(f"{source}: payload sha256 mismatch; the card is corrupt, export it again")
+
+    try:
+        fingerprint = ModelFingerprint.from_json(fields.get(_KEY + "model.fingerprint", str))
+    except ValueError as exc:
+        raise CardFormatError(f"{source}: invalid model fingerprint: {exc}") from exc
+
+    sections = []
+    for s in range(n_section):
+        layers = []
+        for j in range(n_layers[s]):
+            prefix = f"sec.{s}.blk.{j}."
+            layers.append(
+                CardLayer(
+                    n_embd_k=n_embd_k[s][j],
+                    n_embd_v=n_embd_v[s][j],
+                    k_bits=arrays[prefix + "k_bits"],
+                    k_codes=arrays[prefix + "k_codes"],
+                    v_bits=arrays[prefix + "v_bits"],
+                    v_codes=arrays[prefix + "v_codes"],
+                )
+            )
+        sections.append(CardSection(positions=arrays[f"sec.{s}.positions"], layers=layers))
+
+    card = CacheCard(
+        model=fingerprint,
+        token_ids=arrays["token_ids"],
+        positions=arrays["positions"],
+        sections=sections,
+        group_size=group_size,
+        provenance=Provenance(
+            budget_bits=fields.get(_KEY + "budget_bits", float),
+            controller=fields.get(_KEY + "controller", str),
+            hop=fields.get(_KEY + "hop", int),
+            parent_sha256=fields.get(_KEY + "parent_sha256", str),
+            producer=fields.get(_KEY + "producer", str),
+        ),
+        rope_freq_base=fields.get(_KEY + "context.rope_freq_base", float),
+        rope_freq_scale=fields.get(_KEY + "context.rope_freq_scale", float),
+    )
+    if card.n_tokens != n_tokens:
+        raise CardFormatError(f"{source}: token_ids holds {card.n_tokens} tokens, header says {n_tokens}")
+    _validate(card, source)
+    header = _header_values(card)
+    if hashlib.sha256(_canonical(header)).hexdigest() != fields.get(_KEY + "header.sha256", str):
+        raise CardChecksumError(f"{source}: header sha256 mismatch; the card's metadata is corrupt, export it again")
+    return card
+
+
+def _describe_tensor(name: str) -> str:
+    parts = name.split(".")
+    if name in ("token_ids", "positions"):
+        return "the token list"
+    if len(parts) == 3:
+        return f"section {parts[1]} positions"
+    return f"section {parts[1]}, layer {parts[3]}, {parts[4].replace('_', ' ')}"
+
+
+def _validate(card: CacheCard, source: str) -> None:
+    """Check the card's internal consistency; raise CardFormatError naming the first fault."""
+    n = card.n_tokens
+    if card.positions.shape != (n,):
+        raise CardFormatError(f"{source}: {card.positions.shape[0]} positions for {n} tokens")
+    if n == 0:
+        raise CardFormatError(f"{source}: the card holds no tokens")
+    if np.any(card.token_ids < 0):
+        raise CardFormatError(f"{source}: negative token id {int(card.token_ids.min())}")
+    if np.any(card.positions < 0) or np.any(np.diff(card.positions) <= 0):
+        raise CardFormatError(f"{source}: token positions must be non-negative and strictly ascending")
+    if card.group_size % 8 != 0 or not MIN_GROUP_SIZE <= card.group_size <= MAX_GROUP_SIZE:
+        raise CardFormatError(f"{source}: group_size {card.group_size} must be a multiple of 8 in [8, 4096]")
+    for s, section in enumerate(card.sections):
+        pos = section.positions
+        if pos.ndim != 1 or pos.shape[0] == 0:
+            raise CardFormatError(f"{source}: section {s} holds no cells")
+        if np.any(np.diff(pos) <= 0):
+            raise CardFormatError(f"{source}: section {s} positions must be strictly ascending")
+        if not np.all(np.isin(pos, card.positions)):
+            raise CardFormatError(f"{source}: section {s} holds a position that has no token")
+        for j, layer in enumerate(section.layers):
+            for part, n_embd, bits, codes in (
+                ("K", layer.n_embd_k, layer.k_bits, layer.k_codes),
+                ("V", layer.n_embd_v, layer.v_bits, layer.v_codes),
+            ):
+                where = f"{source}: section {s}, layer {j}, {part}"
+                if n_embd % card.group_size != 0:
+                    raise CardFormatError(f"{where}: row of {n_embd} elements is not a multiple of group_size")
+                if bits.shape != pos.shape:
+                    raise CardFormatError(f"{where}: {bits.shape[0]} widths for {pos.shape[0]} cells")
+                table = codec.row_bytes_table(n_embd, card.group_size)
+                invalid = np.setdiff1d(np.unique(bits), np.asarray(codec.WIDTHS))
+                if invalid.size:
+                    raise CardFormatError(f"{where}: invalid width {int(invalid[0])}; widths are {codec.WIDTHS}")
+                expected = sum(
+                    table[int(w)] * int(c) for w, c in zip(*np.unique(bits, return_counts=True), strict=True)
+                )
+                if codes.nbytes != expected:
+                    raise CardFormatError(f"{where}: {codes.nbytes} code bytes, the widths need {expected}")

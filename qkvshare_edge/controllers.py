@@ -1,0 +1,87 @@
+"""Importance controllers: per-token scores that steer the bit allocation.
+
+A controller maps the K/V of every cache layer to one non-negative score
+per row (token) for K and one for V. The allocator (`allocation.py`) gives
+more bits to rows with higher scores. Scores are relative within one card:
+multiplying every score by a constant changes nothing.
+
+Controllers are looked up by name in `CONTROLLERS`, an explicit registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LayerView:
+    """The input of a controller for one layer of one cache section."""
+
+    positions: np.ndarray  # (n_rows,) int32, ascending
+    keys: np.ndarray  # (n_rows, n_embd_k_gqa) float32
+    values: np.ndarray  # (n_rows, n_embd_v_gqa) float32
+    n_tokens: int  # tokens in the whole sequence (the full-attention section's length)
+
+
+# (layer) -> (key scores (n_rows,), value scores (n_rows,)), float64, >= 0.
+Controller = Callable[[LayerView], tuple[np.ndarray, np.ndarray]]
+
+# sink-recent: how many leading tokens count as attention sinks, and the share
+# of the sequence (at least SINK_RECENT_MIN_RECENT tokens) that counts as recent.
+SINK_RECENT_N_SINK = 4
+SINK_RECENT_RECENT_FRACTION = 0.05
+SINK_RECENT_MIN_RECENT = 32
+# Score of sink and recent tokens relative to 1.0 for the rest: 16 moves them
+# about two widths up (e.g. 8 bits where the rest gets 3 or 4).
+SINK_RECENT_BOOST = 16.0
+
+
+def uniform(layer: LayerView) -> tuple[np.ndarray, np.ndarray]:
+    """Give every token the same score, so every row gets (nearly) the same width."""
+    ones = np.ones(layer.positions.shape[0], dtype=np.float64)
+    return ones, ones.copy()
+
+
+def sink_recent(layer: LayerView) -> tuple[np.ndarray, np.ndarray]:
+    """Score the first tokens (attention sinks) and the most recent ones higher than the middle."""
+    n_recent = max(SINK_RECENT_MIN_RECENT, int(SINK_RECENT_RECENT_FRACTION * layer.n_tokens))
+    last = layer.n_tokens - 1
+    boosted = (layer.positions < SINK_RECENT_N_SINK) | (layer.positions > last - n_recent)
+    scores = np.where(boosted, SINK_RECENT_BOOST, 1.0)
+    return scores, scores.copy()
+
+
+def key_norm(layer: LayerView) -> tuple[np.ndarray, np.ndarray]:
+    """Score each token by the squared L2 norm of its key row, relative to the layer mean.
+
+    Keys with a large norm produce large attention logits, so their errors
+    move the softmax most. The token's value row gets the same score.
+    """
+    norms = np.einsum("ij,ij->i", layer.keys, layer.keys, dtype=np.float64)
+    mean = float(norms.mean()) if norms.size else 0.0
+    scores = norms / mean if mean > 0 else np.ones_like(norms)
+    return scores, scores.copy()
+
+
+CONTROLLERS: dict[str, Controller] = {
+    "uniform": uniform,
+    "sink-recent": sink_recent,
+    "key-norm": key_norm,
+}
+DEFAULT_CONTROLLER = "sink-recent"
+
+
+def get_controller(name: str) -> Controller:
+    """Return the controller registered under `name`.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    try:
+        return CONTROLLERS[name]
+    except KeyError:
+        known = ", ".join(sorted(CONTROLLERS))
+        raise ValueError(f"unknown controller {name!r}; choose one of: {known}") from None

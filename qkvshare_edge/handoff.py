@@ -1,0 +1,340 @@
+"""Export a sequence's KV cache as a CacheCard, and import a card into a context.
+
+Export: read llama.cpp's sequence state, decode it to float32 K/V (undoing
+the cache's own type and rotation), score rows with a controller, allocate
+widths under the budget, encode. Import: verify the card against the
+receiving context (model, RoPE settings, room, target sequence), decode,
+rebuild a state buffer in the receiver's own layout, and load it. A failed
+import restores the target sequence as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import llama_cpp
+import numpy as np
+
+from . import codec, state
+from .allocation import RowGroup, allocate
+from .card import CacheCard, CardLayer, CardSection, Provenance
+from .controllers import DEFAULT_CONTROLLER, LayerView, get_controller
+from .errors import (
+    ContextTooSmallError,
+    ImportFailedError,
+    ModelMismatchError,
+    SequenceNotEmptyError,
+    StateFormatError,
+)
+from .fingerprint import ModelFingerprint
+
+if TYPE_CHECKING:
+    from .llama import Llama
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_BITS = 4.0
+# Keys are more sensitive to quantization than values (measured on Gemma 3
+# 270M: K8/V4 costs far less KL than K4/V8 would), so key rows get twice the
+# importance of value rows of the same token.
+DEFAULT_K_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class HandoffTiming:
+    """Stage times of one export or import, in milliseconds."""
+
+    total_ms: float
+    stages_ms: dict[str, float]
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.stages: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = (now - self.last) * 1e3
+        self.last = now
+
+    def result(self) -> HandoffTiming:
+        return HandoffTiming((self.last - self.start) * 1e3, dict(self.stages))
+
+
+def context_layout(llm: Llama) -> state.CacheLayout:
+    """Return the cache types, V layout and rotation of `llm`'s context.
+
+    Raises:
+        StateFormatError: when flash attention is left on 'auto', which hides the V layout.
+    """
+    params = llm.context_params
+    if params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED:
+        v_trans = False
+    elif params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED:
+        v_trans = True
+    else:
+        raise StateFormatError(
+            "flash attention is set to 'auto', so the V cache layout is unknown; pass flash_attn=True or False"
+        )
+    model = llm.fingerprint
+    n_head = model.hparam_int("attention.head_count", 1) or 1
+    head_default = model.hparam_int("embedding_length") // n_head
+    head_k = model.hparam_int("attention.key_length", head_default)
+    head_v = model.hparam_int("attention.value_length", head_default)
+    k_chunk, v_chunk = state.rotation_chunks(head_k, head_v, params.type_k, params.type_v)
+    return state.CacheLayout(int(params.type_k), int(params.type_v), v_trans, k_chunk, v_chunk)
+
+
+def _seq_pos_max(llm: Llama, seq_id: int) -> int:
+    memory = llama_cpp.llama_get_memory(llm.ctx)
+    return int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id))
+
+
+def _check_seq_id(llm: Llama, seq_id: int) -> None:
+    n_seq_max = int(llama_cpp.llama_n_seq_max(llm.ctx))
+    if not 0 <= seq_id < n_seq_max:
+        raise ValueError(f"seq_id {seq_id} is out of range for this context (n_seq_max {n_seq_max})")
+
+
+# -- export ---------------------------------------------------------------------
+
+
+def export_card(
+    llm: Llama,
+    *,
+    budget: float = DEFAULT_BUDGET_BITS,
+    controller: str = DEFAULT_CONTROLLER,
+    seq_id: int = 0,
+    tokens: list[int] | np.ndarray | None = None,
+    group_size: int = codec.DEFAULT_GROUP_SIZE,
+    k_weight: float = DEFAULT_K_WEIGHT,
+    hop: int = 1,
+    parent_sha256: str = "",
+    n_threads: int = 0,
+) -> tuple[CacheCard, HandoffTiming]:
+    """Export one sequence of `llm` as a card; see `Llama.export_card` for the arguments."""
+    watch = _Stopwatch()
+    _check_seq_id(llm, seq_id)
+    score = get_controller(controller)
+    if tokens is None:
+        if seq_id != 0:
+            raise ValueError(
+                f"tokens are needed to export seq_id {seq_id}: the wrapper tracks token ids of seq_id 0 only"
+            )
+        tokens = llm.input_ids[: llm.n_tokens]
+    token_array = np.asarray(tokens, dtype=np.int64)
+
+    layout = context_layout(llm)
+    blob = state.read_seq_state(llm.ctx, seq_id)
+    watch.lap("read_state")
+    sections = state.parse_seq_state(blob, layout, n_threads)
+    sections = [s for s in sections if s.cell_count > 0] if sections else []
+    if not sections:
+        raise ValueError(f"sequence {seq_id} is empty; evaluate some tokens before exporting a card")
+    watch.lap("decode_state")
+
+    # Cells come in cache order; the card keeps each section in position order.
+    ordered = []
+    for s in sections:
+        order = np.argsort(s.pos, kind="stable")
+        pos = s.pos[order]
+        if np.any(np.diff(pos) == 0):
+            raise StateFormatError(f"sequence {seq_id} holds two cells at one position; cannot export it")
+        layers = [(layer.k[order], layer.v[order]) for layer in s.layers]
+        ordered.append((pos, layers))
+    positions = np.unique(np.concatenate([pos for pos, _ in ordered]))
+    if positions[0] < 0 or positions[-1] >= token_array.shape[0]:
+        raise ValueError(
+            f"sequence {seq_id} holds positions {int(positions[0])}..{int(positions[-1])}, "
+            f"but only {token_array.shape[0]} token ids are known; pass tokens= with one id per position"
+        )
+    n_tokens = int(positions[-1]) + 1
+
+    groups, views = [], []
+    for pos, layers in ordered:
+        for k, v in layers:
+            k_scores, v_scores = score(LayerView(pos, k, v, n_tokens))
+            groups.append(RowGroup(k.shape[1], np.asarray(k_scores, dtype=np.float64) * k_weight))
+            groups.append(RowGroup(v.shape[1], np.asarray(v_scores, dtype=np.float64)))
+            views.append((k, v))
+    watch.lap("score")
+    widths = allocate(groups, budget, group_size)
+    watch.lap("allocate")
+
+    card_sections, i = [], 0
+    for pos, layers in ordered:
+        card_layers = []
+        for k, v in layers:
+            k_bits, v_bits = widths[2 * i], widths[2 * i + 1]
+            card_layers.append(
+                CardLayer(
+                    n_embd_k=k.shape[1],
+                    n_embd_v=v.shape[1],
+                    k_bits=k_bits,
+                    k_codes=codec.encode(k, k_bits, group_size, n_threads),
+                    v_bits=v_bits,
+                    v_codes=codec.encode(v, v_bits, group_size, n_threads),
+                )
+            )
+            i += 1
+        card_sections.append(CardSection(pos.astype(np.int32), card_layers))
+    watch.lap("encode")
+
+    card = CacheCard(
+        model=llm.fingerprint,
+        token_ids=token_array[positions].astype(np.int32),
+        positions=positions.astype(np.int32),
+        sections=card_sections,
+        group_size=group_size,
+        provenance=Provenance(budget, controller, hop, parent_sha256),
+        rope_freq_base=float(llm.context_params.rope_freq_base),
+        rope_freq_scale=float(llm.context_params.rope_freq_scale),
+    )
+    timing = watch.result()
+    logger.info(
+        "exported seq %d: %d tokens, %d payload bytes (%.2f bits/element, budget %g, %s), %.1f ms",
+        seq_id,
+        card.n_tokens,
+        card.payload_bytes,
+        card.bits_per_element,
+        budget,
+        controller,
+        timing.total_ms,
+    )
+    logger.debug("export stages (ms): %s", timing.stages_ms)
+    return card, timing
+
+
+# -- import ---------------------------------------------------------------------
+
+
+def check_card(llm: Llama, card: CacheCard, seq_id: int) -> None:
+    """Check that `card` fits `llm`'s model, settings and context; raise the matching error."""
+    _check_seq_id(llm, seq_id)
+    expected: ModelFingerprint = llm.fingerprint
+    diffs = expected.differences(card.model)
+    if diffs:
+        raise ModelMismatchError(
+            f"card was made by a different model than {llm.model_path}: {'; '.join(diffs[:4])}. "
+            "Import it into a context of the model that exported it."
+        )
+    for name, mine, theirs in (
+        ("rope_freq_base", float(llm.context_params.rope_freq_base), card.rope_freq_base),
+        ("rope_freq_scale", float(llm.context_params.rope_freq_scale), card.rope_freq_scale),
+    ):
+        if np.float32(mine) != np.float32(theirs):
+            raise ModelMismatchError(
+                f"context {name} differs: card {theirs:g}, receiver {mine:g} (0 means the model default); "
+                f"create the receiver with {name}={theirs:g}"
+            )
+    n_vocab = llm.n_vocab()
+    if int(card.token_ids.max()) >= n_vocab:
+        raise ModelMismatchError(f"card holds token id {int(card.token_ids.max())}, but the vocabulary has {n_vocab}")
+
+    n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(llm.ctx))
+    largest = max(s.n_cells for s in card.sections)
+    if largest > n_ctx_seq:
+        raise ContextTooSmallError(
+            f"card holds {largest} cells but the receiver's sequences have room for {n_ctx_seq} "
+            f"(n_ctx {llm.n_ctx()}, n_seq_max {llama_cpp.llama_n_seq_max(llm.ctx)}); "
+            f"create the receiver with n_ctx >= {largest} per sequence"
+        )
+    if seq_id == 0:
+        if card.n_tokens >= llm.n_ctx():
+            raise ContextTooSmallError(
+                f"card holds {card.n_tokens} tokens, leaving no room to continue in n_ctx {llm.n_ctx()}; "
+                f"create the receiver with n_ctx > {card.n_tokens}"
+            )
+        if card.positions[0] != 0 or card.positions[-1] != card.n_tokens - 1:
+            raise ValueError(
+                "card positions are not 0..n_tokens-1, which llama-cpp-python's token bookkeeping of seq_id 0 "
+                "needs; import it into another seq_id"
+            )
+
+
+def import_card(
+    llm: Llama,
+    card: CacheCard,
+    *,
+    seq_id: int = 0,
+    replace: bool = False,
+    n_threads: int = 0,
+) -> HandoffTiming:
+    """Import `card` into one sequence of `llm`; see `Llama.import_card` for the arguments."""
+    watch = _Stopwatch()
+    check_card(llm, card, seq_id)
+    layout = context_layout(llm)
+
+    # Nothing is written before every check has passed, so a failed check
+    # leaves the receiver untouched.
+    previous: bytes | None = None
+    if _seq_pos_max(llm, seq_id) >= 0:
+        if not replace:
+            raise SequenceNotEmptyError(
+                f"seq_id {seq_id} already holds tokens (up to position {_seq_pos_max(llm, seq_id)}); "
+                "pass replace=True to overwrite them or import into an empty sequence"
+            )
+        previous = state.read_seq_state(llm.ctx, seq_id)
+
+    # The receiver's own (empty or current) state tells how many caches and
+    # streams it has; the card must have one section per cache.
+    template = state.parse_seq_state(state.read_seq_state(llm.ctx, seq_id), layout, n_threads)
+    if len(template) != len(card.sections):
+        raise ModelMismatchError(
+            f"card has {len(card.sections)} KV cache sections, the receiver has {len(template)}; "
+            "the receiving model or its sliding-window setup differs"
+        )
+    watch.lap("verify")
+
+    built = []
+    for s, (section, receiver) in enumerate(zip(card.sections, template, strict=True)):
+        layers = [card.decode_layer(s, j, n_threads) for j in range(len(section.layers))]
+        stream = seq_id if seq_id < receiver.n_stream else 0
+        built.append((receiver.n_stream, stream, section.positions, layers))
+    watch.lap("decode_card")
+    blob = state.build_seq_state(built, seq_id, layout, n_threads)
+    watch.lap("build_state")
+
+    if previous is not None:
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), seq_id, -1, -1)
+    ok = state.write_seq_state(llm.ctx, seq_id, blob)
+    if ok and _seq_pos_max(llm, seq_id) != int(card.positions[-1]):
+        ok = False
+    if not ok:
+        _rollback(llm, seq_id, previous)
+        raise ImportFailedError(
+            f"llama.cpp rejected the card's state for seq_id {seq_id} ({layout.describe()}); the sequence was "
+            "restored to its previous content. llama.cpp's log names the cause (often: no free cells)"
+        )
+    watch.lap("set_state")
+
+    if seq_id == 0:
+        llm.input_ids[: card.n_tokens] = card.token_ids
+        llm.n_tokens = card.n_tokens
+        # The logits of the last card token are not computed yet.
+        llm._requires_eval = True
+
+    timing = watch.result()
+    logger.info(
+        "imported card into seq %d: %d tokens, %d payload bytes (%.2f bits/element, budget %g), %.1f ms",
+        seq_id,
+        card.n_tokens,
+        card.payload_bytes,
+        card.bits_per_element,
+        card.provenance.budget_bits,
+        timing.total_ms,
+    )
+    logger.debug("import stages (ms): %s", timing.stages_ms)
+    return timing
+
+
+def _rollback(llm: Llama, seq_id: int, previous: bytes | None) -> None:
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), seq_id, -1, -1)
+    if previous is not None and not state.write_seq_state(llm.ctx, seq_id, previous):
+        # NOTE: restoring a state llama.cpp itself wrote a moment ago has not been seen to fail.
+        logger.error("could not restore seq %d after a failed import; the sequence is now empty", seq_id)

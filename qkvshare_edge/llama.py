@@ -1,0 +1,186 @@
+"""`Llama`: llama_cpp.Llama with CacheCard export and import."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+
+from . import codec
+from .card import CacheCard
+from .controllers import DEFAULT_CONTROLLER
+from .fingerprint import ModelFingerprint, fingerprint_model
+from .handoff import DEFAULT_BUDGET_BITS, DEFAULT_K_WEIGHT, HandoffTiming, export_card, import_card
+from .models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+class Llama(llama_cpp.Llama):
+    """A `llama_cpp.Llama` that exports and imports CacheCards.
+
+    Every argument of `llama_cpp.Llama` works as before. Added:
+
+    Args:
+        n_seq_max: number of sequences the context holds (default 1).
+        kv_unified: one KV buffer shared by all sequences (True), or one per
+            sequence (False, each with n_ctx / n_seq_max cells). None keeps
+            llama.cpp's default.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        n_seq_max: int = 1,
+        kv_unified: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model_path, **kwargs)
+        self.last_export_timing: HandoffTiming | None = None
+        self.last_import_timing: HandoffTiming | None = None
+        if n_seq_max != 1 or kv_unified is not None:
+            self._recreate_context(n_seq_max, kv_unified)
+
+    @classmethod
+    def from_model(cls, name_or_path: str, **kwargs: Any) -> Llama:
+        """Load a model by registry name (e.g. 'gemma3-270m') or .gguf path."""
+        return cls(str(resolve_model(name_or_path)), **kwargs)
+
+    def _recreate_context(self, n_seq_max: int, kv_unified: bool | None) -> None:
+        # llama_cpp.Llama builds its context before a subclass can set these
+        # fields, so the context is made again with them.
+        if n_seq_max < 1:
+            raise ValueError(f"n_seq_max must be at least 1, got {n_seq_max}")
+        self.context_params.n_seq_max = n_seq_max
+        if kv_unified is not None:
+            self.context_params.kv_unified = kv_unified
+        old = self._ctx
+        self._ctx = self._stack.enter_context(
+            contextlib.closing(
+                _internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
+            )
+        )
+        old.close()
+        self.n_tokens = 0
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        """The model's fingerprint (computed once per model file)."""
+        return fingerprint_model(self.model_path)
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """Token ids of seq_id 0 that are in the KV cache, in position order."""
+        return self.input_ids[: self.n_tokens].tolist()
+
+    def export_card(
+        self,
+        *,
+        budget: float = DEFAULT_BUDGET_BITS,
+        controller: str = DEFAULT_CONTROLLER,
+        seq_id: int = 0,
+        tokens: Sequence[int] | np.ndarray | None = None,
+        group_size: int = codec.DEFAULT_GROUP_SIZE,
+        k_weight: float = DEFAULT_K_WEIGHT,
+        hop: int = 1,
+        parent_sha256: str = "",
+        n_threads: int = 0,
+    ) -> CacheCard:
+        """Export one sequence's KV cache as a CacheCard.
+
+        Args:
+            budget: average bits per K/V element, counting scales, minimums
+                and width tags; 16 stores every row as f16 (lossless for f16
+                caches). The smallest budget is about 3 bits at group size 32.
+            controller: importance controller name ('uniform', 'sink-recent', 'key-norm').
+            seq_id: the sequence to export.
+            tokens: token ids by position; defaults to this wrapper's tokens
+                for seq_id 0 and is required for other sequences.
+            group_size: elements per quantization group (a multiple of 8 dividing the row).
+            k_weight: importance of key rows relative to value rows.
+            hop: how many handoffs this card has made (1 for the first).
+            parent_sha256: SHA-256 of the card this context was imported from, if any.
+            n_threads: native worker threads, 0 for one per core.
+
+        Raises:
+            ValueError: on an empty sequence, an unknown controller, missing
+                token ids, or a budget below the minimum (BudgetError).
+            StateFormatError: when llama.cpp's state does not have the expected layout.
+        """
+        card, timing = export_card(
+            self,
+            budget=budget,
+            controller=controller,
+            seq_id=seq_id,
+            tokens=tokens,
+            group_size=group_size,
+            k_weight=k_weight,
+            hop=hop,
+            parent_sha256=parent_sha256,
+            n_threads=n_threads,
+        )
+        self.last_export_timing = timing
+        return card
+
+    def import_card(self, card: CacheCard, *, seq_id: int = 0, replace: bool = False, n_threads: int = 0) -> None:
+        """Load a card into one sequence, so decoding continues without re-prefill.
+
+        For seq_id 0 the wrapper's token list becomes the card's tokens, so
+        `create_completion(self.cached_tokens + more)` and `continue_completion`
+        reuse the imported cache as a prefix.
+
+        Args:
+            card: the card to import.
+            seq_id: the target sequence.
+            replace: overwrite the sequence if it already holds tokens.
+            n_threads: native worker threads, 0 for one per core.
+
+        Raises:
+            ModelMismatchError: the card was made by another model or RoPE setting.
+            ContextTooSmallError: the context has no room for the card's tokens.
+            SequenceNotEmptyError: the sequence holds tokens and replace is False.
+            ImportFailedError: llama.cpp rejected the state; the sequence was restored.
+        """
+        self.last_import_timing = import_card(self, card, seq_id=seq_id, replace=replace, n_threads=n_threads)
+
+    def continue_completion(self, text: str, **kwargs: Any) -> Any:
+        """Complete `text` appended to the cached tokens of seq_id 0 (no BOS is added).
+
+        Takes the keyword arguments of `create_completion`.
+        """
+        follow_up = self.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self.create_completion(self.cached_tokens + follow_up, **kwargs)
+
+    def eval_sequence(self, tokens: Sequence[int], seq_id: int) -> None:
+        """Decode tokens into any sequence, after the positions it already holds.
+
+        seq_id 0 goes through `eval`, which keeps the wrapper's token list.
+        The logits of the last token are then available from `last_logits()`.
+        """
+        if seq_id == 0:
+            self.eval(tokens)
+            return
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        n_past = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1
+        batch = self._batch.batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = n_past + start + i
+                batch.seq_id[i][0] = seq_id
+                batch.n_seq_id[i] = 1
+                batch.logits[i] = i == len(chunk) - 1
+            self._ctx.decode(self._batch)
+
+    def last_logits(self) -> np.ndarray:
+        """Return a copy of the logits of the last decoded token, shape (n_vocab,)."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab(),)).copy()
