@@ -49,6 +49,7 @@ py::array_t<uint8_t> encode(const F32Array& x, const U8Array& bits, int64_t grou
 py::array_t<float> decode(const U8Array& payload, const U8Array& bits, int64_t n, int64_t group_size, int n_threads) {
     if (bits.ndim() != 1) throw std::invalid_argument("bits must be 1-D");
     const int64_t n_rows = bits.shape(0);
+    qkv::codec_row_bytes(16, n, group_size);  // validates n and group_size before the allocation
     std::vector<float> y(static_cast<size_t>(n_rows) * static_cast<size_t>(n));
     {
         py::gil_scoped_release release;

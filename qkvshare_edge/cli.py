@@ -1,0 +1,217 @@
+"""`qkvedge` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .card import CacheCard
+from .controllers import CONTROLLERS, DEFAULT_CONTROLLER
+from .errors import QKVShareError
+from .handoff import DEFAULT_BUDGET_BITS
+from .models import DEFAULT_MODEL, list_models, resolve_model
+
+app = typer.Typer(
+    help="Hand a llama.cpp KV cache from one agent to another as a compact CacheCard.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+card_app = typer.Typer(help="Inspect CacheCard files.", no_args_is_help=True)
+app.add_typer(card_app, name="card")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    # The gguf package logs every file it writes at INFO.
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def _check_controller(controller: str) -> str:
+    if controller not in CONTROLLERS:
+        raise typer.BadParameter(f"unknown controller {controller!r}; choose one of: {', '.join(sorted(CONTROLLERS))}")
+    return controller
+
+
+def _check_budget(budget: float) -> float:
+    if not 0 < budget <= 16:
+        raise typer.BadParameter(f"budget {budget:g} is out of range; use bits per element in (0, 16]")
+    return budget
+
+
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="Registry name (see `qkvedge models`) or path to a .gguf file.")
+]
+ThreadsOption = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads; default: llama.cpp's choice.")]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qkvedge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """qkvedge: quantized KV-cache handoff between llama.cpp agents."""
+
+
+@app.command()
+def models() -> None:
+    """List the models in the registry."""
+    for entry in list_models():
+        typer.echo(f"{entry.name:14} {entry.description}")
+
+
+@app.command()
+def demo(
+    model: ModelOption = DEFAULT_MODEL,
+    tokens: Annotated[int, typer.Option(min=16, help="Context length in tokens.")] = 1024,
+    budget: Annotated[float, typer.Option(callback=_check_budget, help="Card budget in bits per K/V element.")] = (
+        DEFAULT_BUDGET_BITS
+    ),
+    controller: Annotated[
+        str, typer.Option(callback=_check_controller, help="Importance controller for the bit allocation.")
+    ] = DEFAULT_CONTROLLER,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens the receiver generates.")] = 24,
+    threads: ThreadsOption = None,
+    keep: Annotated[Path | None, typer.Option(help="Also copy the card to this path.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each handoff stage.")] = False,
+) -> None:
+    """Hand a long context from one agent to another process as a CacheCard, and compare with re-prefill."""
+    from .demo import DEMO_QUESTION, run_sender
+
+    _setup_logging(verbose)
+    try:
+        model_path = str(resolve_model(model))
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        _fail(str(exc))
+    n_ctx = tokens + 256
+    with tempfile.TemporaryDirectory(prefix="qkvedge-demo-") as tmp:
+        card_path = Path(tmp) / "context.qkvc"
+        typer.echo(f"agent 1: reading a {tokens}-token context with {model} ...")
+        sent = run_sender(
+            model_path, card_path, n_tokens=tokens, budget=budget, controller=controller, n_ctx=n_ctx, n_threads=threads
+        )
+        typer.echo(f"agent 1: exported a card in {sent.export_ms:.0f} ms (prefill took {sent.prefill_ms:.0f} ms)")
+
+        typer.echo("agent 2: importing the card in a separate process ...")
+        command = [
+            sys.executable,
+            "-m",
+            "qkvshare_edge.cli",
+            "receive",
+            str(card_path),
+            "--model",
+            model_path,
+            "--ask",
+            DEMO_QUESTION,
+            "--max-tokens",
+            str(max_tokens),
+            "--n-ctx",
+            str(n_ctx),
+            "--json",
+        ]
+        if threads is not None:
+            command += ["--threads", str(threads)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            _fail(f"the receiver process failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        if keep is not None:
+            keep.write_bytes(card_path.read_bytes())
+
+    agree = 0
+    for a, b in zip(got["card_tokens"], got["reprefill_tokens"], strict=False):
+        if a != b:
+            break
+        agree += 1
+    n_compared = min(len(got["card_tokens"]), len(got["reprefill_tokens"]))
+    speedup = got["reprefill_ttft_ms"] / max(got["card_ttft_ms"], 1e-9)
+    typer.echo("")
+    typer.echo(f"context length:        {sent.n_tokens} tokens ({model})")
+    typer.echo(
+        f"card bytes:            {sent.card_bytes:,} ({sent.bits_per_element:.2f} bits/element, budget {budget:g}, "
+        f"{controller})"
+    )
+    typer.echo(
+        f"llama.cpp state bytes: {sent.state_bytes:,} (card is {100.0 * sent.card_bytes / sent.state_bytes:.1f}%)"
+    )
+    typer.echo(
+        f"receiver TTFT:         card {got['card_ttft_ms']:.0f} ms (import {got['import_ms']:.0f} ms) vs "
+        f"re-prefill {got['reprefill_ttft_ms']:.0f} ms ({speedup:.1f}x faster)"
+    )
+    typer.echo(f"first tokens agree:    {agree} of {n_compared} greedy tokens match re-prefill")
+    typer.echo(f"agent 2 answered:      {got['answer'].strip()!r}")
+
+
+@app.command()
+def receive(
+    card: Annotated[Path, typer.Argument(help="Card file to import.")],
+    ask: Annotated[str, typer.Option(help="Follow-up text appended after the card's context.")],
+    model: ModelOption = DEFAULT_MODEL,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 24,
+    n_ctx: Annotated[int, typer.Option(min=16, help="Context size of the receiver.")] = 4096,
+    threads: ThreadsOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line with timings and token ids.")] = False,
+) -> None:
+    """Import a card into a fresh context, answer a follow-up, and time it against re-prefill."""
+    from .demo import run_receiver, to_json
+
+    _setup_logging(False)
+    try:
+        result = run_receiver(
+            str(resolve_model(model)), card, question=ask, max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads
+        )
+    except (QKVShareError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(to_json(result))
+    else:
+        typer.echo(result.answer)
+
+
+@card_app.command("inspect")
+def card_inspect(path: Annotated[Path, typer.Argument(help="Card file.")]) -> None:
+    """Print a card's model, tokens, budget, widths and sizes (checksums are verified on load)."""
+    try:
+        loaded = CacheCard.load(path)
+    except (QKVShareError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    p = loaded.provenance
+    typer.echo(f"file:            {path} ({path.stat().st_size:,} bytes, sha256 {loaded.sha256[:16]}...)")
+    typer.echo("checksums:       ok")
+    typer.echo(f"model:           {loaded.model.architecture}, id {loaded.model.model_id[:16]}...")
+    typer.echo(f"tokens:          {loaded.n_tokens} (positions {loaded.positions[0]}..{loaded.positions[-1]})")
+    typer.echo(f"budget:          {p.budget_bits:g} bits requested, {loaded.bits_per_element:.3f} stored")
+    typer.echo(f"controller:      {p.controller}, group size {loaded.group_size}")
+    typer.echo(f"hop:             {p.hop}, parent {p.parent_sha256[:16] or '-'}")
+    typer.echo(f"producer:        {p.producer}")
+    for s, section in enumerate(loaded.sections):
+        for j, layer in enumerate(section.layers):
+            n_bytes = layer.k_codes.nbytes + layer.v_codes.nbytes + layer.k_bits.nbytes + layer.v_bits.nbytes
+            typer.echo(f"section {s} layer {j:2d}: {section.n_cells} cells, {n_bytes:,} bytes")
+    histogram = ", ".join(f"{bits} bits: {count}" for bits, count in loaded.width_histogram().items())
+    typer.echo(f"row widths:      {histogram}")
+
+
+if __name__ == "__main__":
+    app()
