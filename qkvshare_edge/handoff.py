@@ -21,7 +21,7 @@ import numpy as np
 from . import codec, state
 from .allocation import RowGroup, allocate
 from .card import CacheCard, CardLayer, CardSection, Provenance
-from .controllers import DEFAULT_CONTROLLER, LayerView, get_controller
+from .controllers import DEFAULT_CONTROLLER, Controller, LayerView, get_controller
 from .errors import (
     ContextTooSmallError,
     ImportFailedError,
@@ -108,7 +108,7 @@ def export_card(
     llm: Llama,
     *,
     budget: float = DEFAULT_BUDGET_BITS,
-    controller: str = DEFAULT_CONTROLLER,
+    controller: str | Controller = DEFAULT_CONTROLLER,
     seq_id: int = 0,
     tokens: list[int] | np.ndarray | None = None,
     group_size: int = codec.DEFAULT_GROUP_SIZE,
@@ -120,7 +120,10 @@ def export_card(
     """Export one sequence of `llm` as a card; see `Llama.export_card` for the arguments."""
     watch = _Stopwatch()
     _check_seq_id(llm, seq_id)
-    score = get_controller(controller)
+    if callable(controller):
+        score, controller_name = controller, getattr(controller, "__name__", "custom")
+    else:
+        score, controller_name = get_controller(controller), controller
     if tokens is None:
         if seq_id != 0:
             raise ValueError(
@@ -191,7 +194,7 @@ def export_card(
         positions=positions.astype(np.int32),
         sections=card_sections,
         group_size=group_size,
-        provenance=Provenance(budget, controller, hop, parent_sha256),
+        provenance=Provenance(budget, controller_name, hop, parent_sha256),
         rope_freq_base=float(llm.context_params.rope_freq_base),
         rope_freq_scale=float(llm.context_params.rope_freq_scale),
     )
@@ -203,7 +206,7 @@ def export_card(
         card.payload_bytes,
         card.bits_per_element,
         budget,
-        controller,
+        controller_name,
         timing.total_ms,
     )
     logger.debug("export stages (ms): %s", timing.stages_ms)

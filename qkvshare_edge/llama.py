@@ -13,7 +13,7 @@ from llama_cpp import _internals
 
 from . import codec
 from .card import CacheCard
-from .controllers import DEFAULT_CONTROLLER
+from .controllers import DEFAULT_CONTROLLER, Controller
 from .fingerprint import ModelFingerprint, fingerprint_model
 from .handoff import DEFAULT_BUDGET_BITS, DEFAULT_K_WEIGHT, HandoffTiming, export_card, import_card
 from .models import resolve_model
@@ -86,7 +86,7 @@ class Llama(llama_cpp.Llama):
         self,
         *,
         budget: float = DEFAULT_BUDGET_BITS,
-        controller: str = DEFAULT_CONTROLLER,
+        controller: str | Controller = DEFAULT_CONTROLLER,
         seq_id: int = 0,
         tokens: Sequence[int] | np.ndarray | None = None,
         group_size: int = codec.DEFAULT_GROUP_SIZE,
@@ -101,7 +101,9 @@ class Llama(llama_cpp.Llama):
             budget: average bits per K/V element, counting scales, minimums
                 and width tags; 16 stores every row as f16 (lossless for f16
                 caches). The smallest budget is about 3 bits at group size 32.
-            controller: importance controller name ('uniform', 'sink-recent', 'key-norm').
+            controller: importance controller name ('uniform', 'sink-recent',
+                'key-norm'), or any callable that maps a `LayerView` to per-row
+                key and value scores.
             seq_id: the sequence to export.
             tokens: token ids by position; defaults to this wrapper's tokens
                 for seq_id 0 and is required for other sequences.

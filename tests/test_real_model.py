@@ -82,9 +82,7 @@ def test_budget_8_kl(sender, model_path: str) -> None:
     flash_attn = bool(llm.context_params.flash_attn_type == 1)
     card = llm.export_card(budget=8)
 
-    reference = restore_llama_state(
-        model_path, flash_attn, state.read_seq_state(llm.ctx, 0), context, logits_all=True
-    )
+    reference = restore_llama_state(model_path, flash_attn, state.read_seq_state(llm.ctx, 0), context, logits_all=True)
     reference.eval(continuation)
     ref_logits = reference.scores[N_CONTEXT : N_CONTEXT + N_CONTINUATION]
 
@@ -109,3 +107,11 @@ def test_budget_4_size(sender) -> None:
     ratio = card_bytes / state_bytes
     print(f"budget 4: card {card_bytes} bytes, llama.cpp state {state_bytes} bytes, ratio {ratio:.3f}")
     assert ratio <= SIZE_RATIO_BUDGET_4
+
+
+def test_registry_fingerprint(model_path: str) -> None:
+    from qkvshare_edge.fingerprint import fingerprint_model
+    from qkvshare_edge.models import list_models
+
+    entry = next(e for e in list_models() if e.name == "gemma3-270m")
+    assert fingerprint_model(model_path).model_id == entry.model_id

@@ -273,13 +273,14 @@ StateSection parse_section(Reader& reader, size_t index, const Rotation& rotatio
                     }
                 }
             } else {
-                // Channel-major in the buffer: element (channel j, cell i) at j*cell_count + i.
+                // Channel-major in the buffer: channel j's cell_count elements are
+                // contiguous, so each channel converts in one call.
+                std::vector<float> column(cell_count);
                 for (int64_t j = 0; j < layer.n_embd_v; ++j) {
-                    const uint8_t* column = vs.data + static_cast<size_t>(j) * cell_count * vs.row_bytes;
+                    const uint8_t* src = vs.data + static_cast<size_t>(j) * cell_count * vs.row_bytes;
+                    ggml_row_to_float(layer.v_type, src, column.data(), cell_count);
                     for (uint32_t i = 0; i < cell_count; ++i) {
-                        float value;
-                        ggml_row_to_float(layer.v_type, column + i * vs.row_bytes, &value, 1);
-                        layer.v[static_cast<size_t>(i) * layer.n_embd_v + j] = value;
+                        layer.v[static_cast<size_t>(i) * layer.n_embd_v + j] = column[i];
                     }
                 }
             }
@@ -325,16 +326,18 @@ void hadamard_chunks(float* x, int64_t n, int64_t chunk) {
     }
 }
 
-SeqState parse_seq_state(const uint8_t* data, size_t size, const Rotation& rotation, int n_threads) {
+namespace {
+
+SeqState parse_all(const uint8_t* data, size_t size, const Rotation& rotation, int n_threads) {
     Reader reader(data, size);
     SeqState state;
 
     const uint32_t magic = reader.read<uint32_t>("magic");
     if (magic != kStateSeqMagic) {
         char buf[96];
-        std::snprintf(buf, sizeof(buf), "invalid sequence state magic 0x%08x (expected 0x%08x, ", magic,
+        std::snprintf(buf, sizeof(buf), "invalid sequence state magic 0x%08x (expected 0x%08x)", magic,
                       kStateSeqMagic);
-        throw StateFormatError(std::string(buf) + kLlamaCppVersion + ")");
+        throw StateFormatError(buf);
     }
     state.seq_id = reader.read<int32_t>("seq_id");
 
@@ -344,7 +347,22 @@ SeqState parse_seq_state(const uint8_t* data, size_t size, const Rotation& rotat
         }
         state.sections.push_back(parse_section(reader, state.sections.size(), rotation, n_threads));
     }
+    if (state.sections.empty()) {
+        throw StateFormatError("sequence state has no KV cache section");
+    }
     return state;
+}
+
+}  // namespace
+
+SeqState parse_seq_state(const uint8_t* data, size_t size, const Rotation& rotation, int n_threads) {
+    try {
+        return parse_all(data, size, rotation, n_threads);
+    } catch (const StateFormatError& error) {
+        const std::string message = error.what();
+        if (message.find(kLlamaCppVersion) != std::string::npos) throw;
+        throw StateFormatError(message + " (expected the layout of " + kLlamaCppVersion + ")");
+    }
 }
 
 std::vector<uint8_t> build_seq_state(const std::vector<BuildSection>& sections, const BuildOptions& options,
@@ -410,11 +428,12 @@ std::vector<uint8_t> build_seq_state(const std::vector<BuildSection>& sections, 
                     writer.write<uint32_t>(static_cast<uint32_t>(el));
                     writer.write<uint32_t>(static_cast<uint32_t>(layer.n_embd_v));
                     uint8_t* dst = writer.grow(el * static_cast<size_t>(layer.n_embd_v) * cell_count);
+                    std::vector<float> column(cell_count);
                     for (int64_t j = 0; j < layer.n_embd_v; ++j) {
                         for (uint32_t i = 0; i < cell_count; ++i) {
-                            const float value = layer.v[static_cast<size_t>(i) * layer.n_embd_v + j];
-                            ggml_row_from_float(options.v_type, &value, dst + (j * cell_count + i) * el, 1);
+                            column[i] = layer.v[static_cast<size_t>(i) * layer.n_embd_v + j];
                         }
+                        ggml_row_from_float(options.v_type, column.data(), dst + j * cell_count * el, cell_count);
                     }
                 }
             }

@@ -35,6 +35,8 @@ class ModelEntry:
         source: Origin of the file, `pypi:<package>` or "generated".
         architecture: llama.cpp architecture name (`general.architecture`).
         locate: Function that returns the local path, building or unpacking the file if needed.
+        model_id: Expected `ModelFingerprint.model_id` of the file, or None for generated
+            models, whose fingerprint follows from the generator version.
     """
 
     name: str
@@ -42,6 +44,7 @@ class ModelEntry:
     source: str
     architecture: str
     locate: Callable[[], Path] = field(repr=False, compare=False)
+    model_id: str | None = None
 
 
 def cache_dir() -> Path:
@@ -119,6 +122,7 @@ _REGISTRY: dict[str, ModelEntry] = {
             source=f"pypi:{GEMMA3_270M_PACKAGE}",
             architecture="gemma3",
             locate=_locate_gemma3_270m,
+            model_id="ab75c62b5a9b6026d6865cc976896eaafd303a66205949e19401c2b764adf587",
         ),
         ModelEntry(
             name="tiny-llama",
