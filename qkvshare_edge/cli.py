@@ -213,5 +213,15 @@ def card_inspect(path: Annotated[Path, typer.Argument(help="Card file.")]) -> No
     typer.echo(f"row widths:      {histogram}")
 
 
+def _register_command_groups() -> None:
+    # Imported here, at the end, so the modules can import helpers from this one.
+    from . import agent_cli, bench
+
+    bench.register(app)
+    agent_cli.register(app, card_app)
+
+
+_register_command_groups()
+
 if __name__ == "__main__":
     app()

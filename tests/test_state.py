@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def test_corrupt_field_rejected(small_blob: bytes, offset: int, fmt: str, value:
 
 
 def test_error_names_llama_cpp_version(small_blob: bytes) -> None:
-    with pytest.raises(StateFormatError, match="llama-cpp-python 0.3.36"):
+    with pytest.raises(StateFormatError, match=re.escape("llama-cpp-python 0.3.36")):
         state.parse_seq_state(small_blob[:30], F16_LAYOUT)
 
 
