@@ -21,9 +21,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from . import __version__, codec
-from .errors import CardChecksumError, CardFormatError
+from . import __version__, codec, signing
+from .errors import CardChecksumError, CardFormatError, CardSignatureError
 from .fingerprint import ModelFingerprint
+from .gguf_reader import TENSOR_TYPE_NAMES, GGUFFormatError, read_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,15 @@ MAX_SECTIONS = 8
 MAX_LAYERS = 4096
 MAX_ROW_ELEMENTS = 1 << 20
 MIN_GROUP_SIZE = 8
+# Largest card file read by default: a lossless card of a 32K-token context of
+# an 8B model (32 layers, 8 KV heads of 128) is about 4.3 GB.
+MAX_CARD_BYTES = 8 << 30
 MAX_GROUP_SIZE = 4096
 
 _KEY = "cachecard."
+# ggml tensor type ids of the card's tensors.
+_I8 = 24
+_I32 = 26
 
 
 @dataclass
@@ -96,6 +103,8 @@ class CacheCard:
     rope_freq_scale: float = 0.0
     # SHA-256 of the file bytes, set by save() and load().
     sha256: str = field(default="", compare=False)
+    # "unsigned", "signed" (not checked: no key given) or "verified", set by load().
+    signature_status: str = field(default="unsigned", compare=False)
 
     @property
     def n_tokens(self) -> int:
@@ -140,20 +149,21 @@ class CacheCard:
 
     # -- writing -----------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        """Serialize the card to GGUF bytes."""
+    def to_bytes(self, key: bytes | None = None, key_id: str = "") -> bytes:
+        """Serialize the card to GGUF bytes, signed with HMAC-SHA256 when `key` is given."""
         with tempfile.TemporaryDirectory(prefix="qkvcard-") as tmp:
             path = Path(tmp) / "card.qkvc"
-            _write_gguf(self, path)
+            _write_gguf(self, path, key, key_id)
             data = path.read_bytes()
         self.sha256 = hashlib.sha256(data).hexdigest()
         return data
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], key: bytes | None = None, key_id: str = "") -> Path:
         """Write the card to `path` atomically (temporary file, fsync, rename).
 
         A crash during the write leaves any existing file at `path` as it was.
-        Returns the path written.
+        With `key`, the card is signed (HMAC-SHA256; `key_id` is a label
+        stored beside the signature). Returns the path written.
         """
         target = Path(path)
         directory = target.parent if str(target.parent) else Path(".")
@@ -163,7 +173,7 @@ class CacheCard:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            _write_gguf(self, tmp)
+            _write_gguf(self, tmp, key, key_id)
             with tmp.open("rb+") as f:
                 self.sha256 = hashlib.sha256(f.read()).hexdigest()
                 os.fsync(f.fileno())
@@ -177,13 +187,28 @@ class CacheCard:
     # -- reading -----------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CacheCard:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        key: bytes | None = None,
+        require_signature: bool = False,
+        max_bytes: int = MAX_CARD_BYTES,
+    ) -> CacheCard:
         """Read and verify a card file.
+
+        Args:
+            path: the card file.
+            key: shared HMAC key; when given, a signed card must verify with it.
+            require_signature: reject unsigned cards (needs `key`).
+            max_bytes: reject larger files before reading them.
 
         Raises:
             FileNotFoundError: when the file does not exist.
-            CardFormatError: when the file is not a valid CacheCard of a supported version.
+            CardFormatError: when the file is not a valid CacheCard of a supported version,
+                is empty, or is larger than `max_bytes`.
             CardChecksumError: when a checksum does not match (the message names the tensor).
+            CardSignatureError: when a signature is required but missing, or does not verify.
         """
         path = Path(path)
         if not path.is_file():
@@ -191,20 +216,28 @@ class CacheCard:
         size = path.stat().st_size
         if size == 0:
             raise CardFormatError(f"card file {path} is empty (0 bytes); export the card again")
+        if size > max_bytes:
+            raise CardFormatError(f"card file {path} has {size} bytes, more than the limit of {max_bytes}")
         data = path.read_bytes()
-        card = _read_gguf(path, str(path))
+        card = _read_gguf(data, str(path), key, require_signature)
         card.sha256 = hashlib.sha256(data).hexdigest()
         return card
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> CacheCard:
-        """Parse and verify a card from bytes (for example an HTTP body). Raises like `load`."""
+    def from_bytes(
+        cls,
+        data: bytes,
+        *,
+        key: bytes | None = None,
+        require_signature: bool = False,
+        max_bytes: int = MAX_CARD_BYTES,
+    ) -> CacheCard:
+        """Parse and verify a card from bytes (for example an HTTP body). Arguments and errors as `load`."""
         if not data:
             raise CardFormatError("card is empty (0 bytes)")
-        with tempfile.TemporaryDirectory(prefix="qkvcard-") as tmp:
-            path = Path(tmp) / "card.qkvc"
-            path.write_bytes(data)
-            card = _read_gguf(path, "card bytes")
+        if len(data) > max_bytes:
+            raise CardFormatError(f"card has {len(data)} bytes, more than the limit of {max_bytes}")
+        card = _read_gguf(bytes(data), "card bytes", key, require_signature)
         card.sha256 = hashlib.sha256(data).hexdigest()
         return card
 
@@ -264,13 +297,24 @@ def _header_values(card: CacheCard) -> dict[str, Any]:
     return values
 
 
+# Keys that the header digest does not cover: the digests themselves and the signature.
+_UNHASHED_KEYS = frozenset(
+    _KEY + k for k in ("header.sha256", "payload.sha256", "payload.crc32", "signature.hmac_sha256", "signature.key_id")
+)
+
+
+def _as_stored(value: Any) -> Any:
+    """A header value as the file stores it (floats as float32)."""
+    return float(np.float32(value)) if isinstance(value, float) else value
+
+
 def _canonical(values: dict[str, Any]) -> bytes:
-    """Canonical JSON of header values; f32 keys are rounded as the file stores them."""
-    rounded = {k: float(np.float32(v)) if isinstance(v, float) else v for k, v in values.items()}
+    """Canonical JSON of header values, floats rounded to float32 as stored."""
+    rounded = {k: _as_stored(v) for k, v in values.items()}
     return json.dumps(rounded, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _write_gguf(card: CacheCard, path: Path) -> None:
+def _write_gguf(card: CacheCard, path: Path, key: bytes | None = None, key_id: str = "") -> None:
     _validate(card, "card")
     arrays = _tensor_arrays(card)
     header = _header_values(card)
@@ -284,22 +328,26 @@ def _write_gguf(card: CacheCard, path: Path) -> None:
 
     writer = gguf.GGUFWriter(path, CARD_ARCHITECTURE)
     writer.add_type(CARD_ARCHITECTURE)
-    for key, value in header.items():
+    for name, value in header.items():
         if isinstance(value, bool):
-            raise TypeError(f"{key}: booleans are not used in the card header")
-        if key == _KEY + "n_tokens":
-            writer.add_uint64(key, value)
+            raise TypeError(f"{name}: booleans are not used in the card header")
+        if name == _KEY + "n_tokens":
+            writer.add_uint64(name, value)
         elif isinstance(value, int):
-            writer.add_uint32(key, value)
+            writer.add_uint32(name, value)
         elif isinstance(value, float):
-            writer.add_float32(key, value)
+            writer.add_float32(name, value)
         elif isinstance(value, str):
             # add_string() skips empty strings, and an empty parent digest is a valid value.
-            writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
+            writer.add_key_value(name, value, gguf.GGUFValueType.STRING)
         else:
-            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
-    writer.add_string(_KEY + "header.sha256", hashlib.sha256(_canonical(header)).hexdigest())
+            writer.add_key_value(name, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+    header_sha256 = hashlib.sha256(_canonical(header)).hexdigest()
+    writer.add_string(_KEY + "header.sha256", header_sha256)
     writer.add_string(_KEY + "payload.sha256", payload.hexdigest())
+    if key is not None:
+        writer.add_string(_KEY + "signature.hmac_sha256", signing.sign(key, header_sha256, payload.hexdigest()))
+        writer.add_key_value(_KEY + "signature.key_id", key_id, gguf.GGUFValueType.STRING)
     writer.add_key_value(_KEY + "payload.crc32", crcs, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
     for name, array in arrays.items():
         writer.add_tensor(name, array)
@@ -312,18 +360,17 @@ def _write_gguf(card: CacheCard, path: Path) -> None:
 class _Fields:
     """Typed access to a GGUF reader's metadata with errors that name the key."""
 
-    def __init__(self, reader: gguf.GGUFReader, source: str) -> None:
-        self.reader = reader
+    def __init__(self, metadata: dict[str, Any], source: str) -> None:
+        self.metadata = metadata
         self.source = source
 
+    def has(self, key: str) -> bool:
+        return key in self.metadata
+
     def get(self, key: str, kind: type) -> Any:
-        field_ = self.reader.get_field(key)
-        if field_ is None:
+        if key not in self.metadata:
             raise CardFormatError(f"{self.source}: missing metadata key {key}; the card is incomplete or not a card")
-        try:
-            value = field_.contents()
-        except Exception as exc:  # the gguf package raises assorted errors on corrupt fields
-            raise CardFormatError(f"{self.source}: unreadable metadata key {key}: {exc}") from exc
+        value = self.metadata[key]
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if kind is list:
@@ -343,13 +390,13 @@ def _bounded(source: str, key: str, value: int, low: int, high: int) -> int:
     return value
 
 
-def _read_gguf(path: Path, source: str) -> CacheCard:
+def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signature: bool = False) -> CacheCard:
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the gguf package raises assorted errors on corrupt headers
+        reader = read_gguf(data)
+    except GGUFFormatError as exc:
         raise CardFormatError(f"{source} is not a readable GGUF file: {exc}") from exc
 
-    fields = _Fields(reader, source)
+    fields = _Fields(reader.metadata, source)
     arch = fields.get("general.architecture", str)
     if arch != CARD_ARCHITECTURE:
         raise CardFormatError(
@@ -388,12 +435,20 @@ def _read_gguf(path: Path, source: str) -> CacheCard:
 
     # Tensors: exactly the expected names, each with its checksum.
     expected = _tensor_names(n_section, n_layers)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = reader.tensors
     missing = [name for name in expected if name not in tensors]
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise CardFormatError(
             f"{source}: tensor list does not match the header (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    data_end = max(t.offset + t.n_bytes for t in tensors.values())
+    alignment = reader.metadata.get("general.alignment", 32)
+    padded_end = -(-data_end // alignment) * alignment
+    if len(data) != padded_end:
+        raise CardFormatError(
+            f"{source}: the file has {len(data)} bytes but its tensor data ends at {padded_end}; "
+            "the card is truncated or has trailing bytes, transfer it again"
         )
     crcs = fields.get(_KEY + "payload.crc32", list)
     if len(crcs) != len(expected):
@@ -402,22 +457,21 @@ def _read_gguf(path: Path, source: str) -> CacheCard:
     arrays: dict[str, np.ndarray] = {}
     for name, crc in zip(expected, crcs, strict=True):
         tensor = tensors[name]
-        want = (
-            gguf.GGMLQuantizationType.I32
-            if name.endswith("positions") or name == "token_ids"
-            else gguf.GGMLQuantizationType.I8
-        )
-        if tensor.tensor_type != want:
-            raise CardFormatError(f"{source}: tensor {name} has type {tensor.tensor_type.name}, expected {want.name}")
-        raw = np.array(tensor.data, copy=True).reshape(-1)
-        data = raw.tobytes()
-        if zlib.crc32(data) != crc:
+        want = _I32 if name.endswith("positions") or name == "token_ids" else _I8
+        if tensor.ggml_type != want:
+            raise CardFormatError(
+                f"{source}: tensor {name} has type {TENSOR_TYPE_NAMES.get(tensor.ggml_type, tensor.ggml_type)}, "
+                f"expected {TENSOR_TYPE_NAMES[want]}"
+            )
+        raw = reader.raw(name)
+        if zlib.crc32(raw) != crc:
             raise CardChecksumError(
                 f"{source}: checksum mismatch in tensor {name} ({_describe_tensor(name)}); "
                 "the card is corrupt, export or transfer it again"
             )
-        payload.update(data)
-        arrays[name] = raw.view(np.uint8) if tensor.tensor_type == gguf.GGMLQuantizationType.I8 else raw
+        payload.update(raw)
+        array = reader.array(name)
+        arrays[name] = array.view(np.uint8) if want == _I8 else array
     if payload.hexdigest() != fields.get(_KEY + "payload.sha256", str):
         raise CardChecksumError(f"{source}: payload sha256 mismatch; the card is corrupt, export it again")
 
@@ -462,10 +516,39 @@ def _read_gguf(path: Path, source: str) -> CacheCard:
     if card.n_tokens != n_tokens:
         raise CardFormatError(f"{source}: token_ids holds {card.n_tokens} tokens, header says {n_tokens}")
     _validate(card, source)
-    header = _header_values(card)
-    if hashlib.sha256(_canonical(header)).hexdigest() != fields.get(_KEY + "header.sha256", str):
+    # The digest covers every stored cachecard.* key, as the writer stored it.
+    stored = {k: v for k, v in reader.metadata.items() if k.startswith(_KEY) and k not in _UNHASHED_KEYS}
+    header_sha256 = fields.get(_KEY + "header.sha256", str)
+    if hashlib.sha256(_canonical(stored)).hexdigest() != header_sha256:
         raise CardChecksumError(f"{source}: header sha256 mismatch; the card's metadata is corrupt, export it again")
+    if stored != {k: _as_stored(v) for k, v in _header_values(card).items()}:
+        raise CardFormatError(f"{source}: header values disagree with the card's content (for example model.id)")
+    card.signature_status = _check_signature(fields, source, key, require_signature, header_sha256, payload.hexdigest())
     return card
+
+
+def _check_signature(
+    fields: _Fields, source: str, key: bytes | None, required: bool, header_sha256: str, payload_sha256: str
+) -> str:
+    if required and key is None:
+        raise CardSignatureError(f"{source}: a signed card is required but no key was given; pass the shared key")
+    if not fields.has(_KEY + "signature.hmac_sha256"):
+        if required:
+            raise CardSignatureError(
+                f"{source}: the card is not signed, and this receiver accepts signed cards only; "
+                "export it with the shared key"
+            )
+        return "unsigned"
+    signature = fields.get(_KEY + "signature.hmac_sha256", str)
+    if key is None:
+        return "signed"
+    if not signing.verify(key, header_sha256, payload_sha256, signature):
+        key_id = fields.get(_KEY + "signature.key_id", str)
+        raise CardSignatureError(
+            f"{source}: the card's HMAC signature (key id {key_id or '-'!r}) does not verify with the given key; "
+            "it was signed with another key or changed after signing"
+        )
+    return "verified"
 
 
 def _describe_tensor(name: str) -> str:
@@ -490,8 +573,12 @@ def _validate(card: CacheCard, source: str) -> None:
         raise CardFormatError(f"{source}: token positions must be non-negative and strictly ascending")
     if card.group_size % 8 != 0 or not MIN_GROUP_SIZE <= card.group_size <= MAX_GROUP_SIZE:
         raise CardFormatError(f"{source}: group_size {card.group_size} must be a multiple of 8 in [8, 4096]")
+    if not 1 <= len(card.sections) <= MAX_SECTIONS:
+        raise CardFormatError(f"{source}: {len(card.sections)} sections, expected 1 to {MAX_SECTIONS}")
     for s, section in enumerate(card.sections):
         pos = section.positions
+        if not 1 <= len(section.layers) <= MAX_LAYERS:
+            raise CardFormatError(f"{source}: section {s} has {len(section.layers)} layers, expected 1 to {MAX_LAYERS}")
         if pos.ndim != 1 or pos.shape[0] == 0:
             raise CardFormatError(f"{source}: section {s} holds no cells")
         if np.any(np.diff(pos) <= 0):

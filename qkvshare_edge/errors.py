@@ -43,3 +43,7 @@ class StateFormatError(QKVShareError, ValueError):
 
 class ImportFailedError(QKVShareError, RuntimeError):
     """llama.cpp rejected the rebuilt state; the receiver was restored to its previous state."""
+
+
+class CardSignatureError(QKVShareError, ValueError):
+    """A card's HMAC signature is missing where required, or does not verify with the key."""

@@ -247,6 +247,7 @@ def check_card(llm: Llama, card: CacheCard, seq_id: int) -> None:
             f"(n_ctx {llm.n_ctx()}, n_seq_max {llama_cpp.llama_n_seq_max(llm.ctx)}); "
             f"create the receiver with n_ctx >= {largest} per sequence"
         )
+    _check_free_cells(llm, card, seq_id)
     if seq_id == 0:
         if card.n_tokens >= llm.n_ctx():
             raise ContextTooSmallError(
@@ -258,6 +259,30 @@ def check_card(llm: Llama, card: CacheCard, seq_id: int) -> None:
                 "card positions are not 0..n_tokens-1, which llama-cpp-python's token bookkeeping of seq_id 0 "
                 "needs; import it into another seq_id"
             )
+
+
+def _check_free_cells(llm: Llama, card: CacheCard, seq_id: int) -> None:
+    """In a cache shared by several sequences, check that the others leave room for the card."""
+    n_seq_max = int(llama_cpp.llama_n_seq_max(llm.ctx))
+    if n_seq_max == 1 or not llm.context_params.kv_unified or len(card.sections) != 1:
+        # NOTE: for iSWA models the occupancy of the full-attention cache is not
+        # visible through llama.cpp's API; llama.cpp's own slot search decides,
+        # and a failed import is rolled back.
+        return
+    memory = llama_cpp.llama_get_memory(llm.ctx)
+    used = 0
+    for other in range(n_seq_max):
+        if other == seq_id:
+            continue
+        pos_max = int(llama_cpp.llama_memory_seq_pos_max(memory, other))
+        if pos_max >= 0:
+            used += pos_max - int(llama_cpp.llama_memory_seq_pos_min(memory, other)) + 1
+    free = int(llama_cpp.llama_n_ctx_seq(llm.ctx)) - used
+    if card.sections[0].n_cells > free:
+        raise ContextTooSmallError(
+            f"card holds {card.sections[0].n_cells} cells but the shared KV cache has {free} free "
+            f"(n_ctx {llm.n_ctx()}, {used} cells used by other sequences); free a sequence or raise n_ctx"
+        )
 
 
 def import_card(
