@@ -215,10 +215,11 @@ def card_inspect(path: Annotated[Path, typer.Argument(help="Card file.")]) -> No
 
 def _register_command_groups() -> None:
     # Imported here, at the end, so the modules can import helpers from this one.
-    from . import agent_cli, bench
+    from . import agent_cli, bench, quality
 
     bench.register(app)
     agent_cli.register(app, card_app)
+    quality.register(app)
 
 
 _register_command_groups()
