@@ -98,6 +98,8 @@ class CacheCard:
     sections: list[CardSection]
     group_size: int
     provenance: Provenance
+    # Walsh-Hadamard chunk applied to rows below 16 bits before quantization (0: none).
+    rotation_chunk: int = 0
     # Context settings that change K (RoPE) and must match on import; 0 means the model's default.
     rope_freq_base: float = 0.0
     rope_freq_scale: float = 0.0
@@ -143,8 +145,8 @@ class CacheCard:
     def decode_layer(self, section: int, layer: int, n_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Decode one layer to float32 K (n_cells, n_embd_k) and V (n_cells, n_embd_v)."""
         item = self.sections[section].layers[layer]
-        k = codec.decode(item.k_codes, item.k_bits, item.n_embd_k, self.group_size, n_threads)
-        v = codec.decode(item.v_codes, item.v_bits, item.n_embd_v, self.group_size, n_threads)
+        k = codec.decode(item.k_codes, item.k_bits, item.n_embd_k, self.group_size, n_threads, self.rotation_chunk)
+        v = codec.decode(item.v_codes, item.v_bits, item.n_embd_v, self.group_size, n_threads, self.rotation_chunk)
         return k, v
 
     # -- writing -----------------------------------------------------------
@@ -283,6 +285,7 @@ def _header_values(card: CacheCard) -> dict[str, Any]:
         _KEY + "context.rope_freq_scale": float(card.rope_freq_scale),
         _KEY + "n_tokens": card.n_tokens,
         _KEY + "group_size": int(card.group_size),
+        _KEY + "rotation_chunk": int(card.rotation_chunk),
         _KEY + "n_section": len(card.sections),
     }
     for s, section in enumerate(card.sections):
@@ -417,6 +420,9 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
 
     n_tokens = _bounded(source, "n_tokens", fields.get(_KEY + "n_tokens", int), 1, MAX_TOKENS)
     group_size = _bounded(source, "group_size", fields.get(_KEY + "group_size", int), MIN_GROUP_SIZE, MAX_GROUP_SIZE)
+    rotation_chunk = _bounded(
+        source, "rotation_chunk", fields.get(_KEY + "rotation_chunk", int), 0, codec.MAX_ROTATION_CHUNK
+    )
     n_section = _bounded(source, "n_section", fields.get(_KEY + "n_section", int), 1, MAX_SECTIONS)
     n_layers, n_embd_k, n_embd_v = [], [], []
     for s in range(n_section):
@@ -503,6 +509,7 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
         positions=arrays["positions"],
         sections=sections,
         group_size=group_size,
+        rotation_chunk=rotation_chunk,
         provenance=Provenance(
             budget_bits=fields.get(_KEY + "budget_bits", float),
             controller=fields.get(_KEY + "controller", str),
@@ -573,6 +580,9 @@ def _validate(card: CacheCard, source: str) -> None:
         raise CardFormatError(f"{source}: token positions must be non-negative and strictly ascending")
     if card.group_size % 8 != 0 or not MIN_GROUP_SIZE <= card.group_size <= MAX_GROUP_SIZE:
         raise CardFormatError(f"{source}: group_size {card.group_size} must be a multiple of 8 in [8, 4096]")
+    chunk = card.rotation_chunk
+    if chunk < 0 or chunk == 1 or chunk > codec.MAX_ROTATION_CHUNK or chunk & (chunk - 1):
+        raise CardFormatError(f"{source}: rotation_chunk {chunk} must be 0 or a power of two in [2, 256]")
     if not 1 <= len(card.sections) <= MAX_SECTIONS:
         raise CardFormatError(f"{source}: {len(card.sections)} sections, expected 1 to {MAX_SECTIONS}")
     for s, section in enumerate(card.sections):
@@ -593,6 +603,8 @@ def _validate(card: CacheCard, source: str) -> None:
                 where = f"{source}: section {s}, layer {j}, {part}"
                 if n_embd % card.group_size != 0:
                     raise CardFormatError(f"{where}: row of {n_embd} elements is not a multiple of group_size")
+                if chunk and n_embd % chunk != 0:
+                    raise CardFormatError(f"{where}: row of {n_embd} elements is not a multiple of rotation_chunk")
                 if bits.shape != pos.shape:
                     raise CardFormatError(f"{where}: {bits.shape[0]} widths for {pos.shape[0]} cells")
                 table = codec.row_bytes_table(n_embd, card.group_size)

@@ -111,7 +111,7 @@ def export_card(
     controller: str | Controller = DEFAULT_CONTROLLER,
     seq_id: int = 0,
     tokens: list[int] | np.ndarray | None = None,
-    group_size: int = codec.DEFAULT_GROUP_SIZE,
+    group_size: int | None = None,
     k_weight: float = DEFAULT_K_WEIGHT,
     hop: int = 1,
     parent_sha256: str = "",
@@ -166,9 +166,13 @@ def export_card(
             groups.append(RowGroup(v.shape[1], np.asarray(v_scores, dtype=np.float64)))
             views.append((k, v))
     watch.lap("score")
+    if group_size is None:
+        group_size = codec.default_group_size([g.n for g in groups])
     widths = allocate(groups, budget, group_size)
     watch.lap("allocate")
 
+    # One rotation chunk for the whole card: the largest that divides every row.
+    rotation_chunk = min(codec.default_rotation_chunk(g.n) for g in groups)
     card_sections, i = [], 0
     for pos, layers in ordered:
         card_layers = []
@@ -179,9 +183,9 @@ def export_card(
                     n_embd_k=k.shape[1],
                     n_embd_v=v.shape[1],
                     k_bits=k_bits,
-                    k_codes=codec.encode(k, k_bits, group_size, n_threads),
+                    k_codes=codec.encode(k, k_bits, group_size, n_threads, rotation_chunk),
                     v_bits=v_bits,
-                    v_codes=codec.encode(v, v_bits, group_size, n_threads),
+                    v_codes=codec.encode(v, v_bits, group_size, n_threads, rotation_chunk),
                 )
             )
             i += 1
@@ -194,6 +198,7 @@ def export_card(
         positions=positions.astype(np.int32),
         sections=card_sections,
         group_size=group_size,
+        rotation_chunk=rotation_chunk,
         provenance=Provenance(budget, controller_name, hop, parent_sha256),
         rope_freq_base=float(llm.context_params.rope_freq_base),
         rope_freq_scale=float(llm.context_params.rope_freq_scale),
@@ -249,10 +254,11 @@ def check_card(llm: Llama, card: CacheCard, seq_id: int) -> None:
         )
     _check_free_cells(llm, card, seq_id)
     if seq_id == 0:
-        if card.n_tokens >= llm.n_ctx():
+        room = min(llm.n_ctx(), n_ctx_seq)
+        if card.n_tokens >= room:
             raise ContextTooSmallError(
-                f"card holds {card.n_tokens} tokens, leaving no room to continue in n_ctx {llm.n_ctx()}; "
-                f"create the receiver with n_ctx > {card.n_tokens}"
+                f"card holds {card.n_tokens} tokens, leaving no room to continue in n_ctx {llm.n_ctx()} "
+                f"({n_ctx_seq} cells per sequence); create the receiver with room for more than {card.n_tokens}"
             )
         if card.positions[0] != 0 or card.positions[-1] != card.n_tokens - 1:
             raise ValueError(
@@ -269,19 +275,20 @@ def _check_free_cells(llm: Llama, card: CacheCard, seq_id: int) -> None:
         # visible through llama.cpp's API; llama.cpp's own slot search decides,
         # and a failed import is rolled back.
         return
+    # Sequences may share cells (llama_memory_seq_cp), so the largest other
+    # sequence is a lower bound of the cells in use: the check never rejects a
+    # card that fits, and llama.cpp's slot search catches the rest.
     memory = llama_cpp.llama_get_memory(llm.ctx)
     used = 0
     for other in range(n_seq_max):
-        if other == seq_id:
-            continue
         pos_max = int(llama_cpp.llama_memory_seq_pos_max(memory, other))
-        if pos_max >= 0:
-            used += pos_max - int(llama_cpp.llama_memory_seq_pos_min(memory, other)) + 1
+        if other != seq_id and pos_max >= 0:
+            used = max(used, pos_max - int(llama_cpp.llama_memory_seq_pos_min(memory, other)) + 1)
     free = int(llama_cpp.llama_n_ctx_seq(llm.ctx)) - used
     if card.sections[0].n_cells > free:
         raise ContextTooSmallError(
-            f"card holds {card.sections[0].n_cells} cells but the shared KV cache has {free} free "
-            f"(n_ctx {llm.n_ctx()}, {used} cells used by other sequences); free a sequence or raise n_ctx"
+            f"card holds {card.sections[0].n_cells} cells but the shared KV cache has at most {free} free "
+            f"(n_ctx {llm.n_ctx()}, another sequence holds {used}); free a sequence or raise n_ctx"
         )
 
 

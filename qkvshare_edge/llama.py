@@ -11,7 +11,6 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from . import codec
 from .card import CacheCard
 from .controllers import DEFAULT_CONTROLLER, Controller
 from .fingerprint import ModelFingerprint, fingerprint_model
@@ -89,7 +88,7 @@ class Llama(llama_cpp.Llama):
         controller: str | Controller = DEFAULT_CONTROLLER,
         seq_id: int = 0,
         tokens: Sequence[int] | np.ndarray | None = None,
-        group_size: int = codec.DEFAULT_GROUP_SIZE,
+        group_size: int | None = None,
         k_weight: float = DEFAULT_K_WEIGHT,
         hop: int = 1,
         parent_sha256: str = "",
@@ -107,7 +106,8 @@ class Llama(llama_cpp.Llama):
             seq_id: the sequence to export.
             tokens: token ids by position; defaults to this wrapper's tokens
                 for seq_id 0 and is required for other sequences.
-            group_size: elements per quantization group (a multiple of 8 dividing the row).
+            group_size: elements per quantization group, a multiple of 8 dividing every
+                row; None picks 128, or the largest power of two dividing every row.
             k_weight: importance of key rows relative to value rows.
             hop: how many handoffs this card has made (1 for the first).
             parent_sha256: SHA-256 of the card this context was imported from, if any.

@@ -136,14 +136,18 @@ py::bytes build_state(const py::list& sections, int32_t seq_id, int32_t k_type, 
 }
 
 py::array_t<float> hadamard(const F32Array& x, int64_t chunk) {
-    auto copy = py::array_t<float>(x.request().shape);
-    std::memcpy(copy.mutable_data(), x.data(), sizeof(float) * static_cast<size_t>(x.size()));
-    if (chunk <= 0 || (chunk & (chunk - 1)) != 0 || x.size() % chunk != 0) {
-        throw std::invalid_argument("chunk must be a power of two dividing the array size, got " +
-                                    std::to_string(chunk));
+    const int64_t last = x.ndim() > 0 ? x.shape(x.ndim() - 1) : 0;
+    if (chunk <= 0 || (chunk & (chunk - 1)) != 0 || last % chunk != 0) {
+        throw std::invalid_argument("chunk must be a power of two dividing the last dimension " +
+                                    std::to_string(last) + ", got " + std::to_string(chunk));
     }
-    qkv::hadamard_chunks(copy.mutable_data(), copy.size(), chunk);
-    return copy;
+    auto out = py::array_t<float>(x.request().shape);
+    std::memcpy(out.mutable_data(), x.data(), sizeof(float) * static_cast<size_t>(x.size()));
+    {
+        py::gil_scoped_release release;
+        qkv::hadamard_chunks(out.mutable_data(), out.size(), chunk);
+    }
+    return out;
 }
 
 }  // namespace
