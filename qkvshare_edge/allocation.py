@@ -40,6 +40,9 @@ class RowGroup:
 
     n: int  # elements per row
     scores: np.ndarray  # (n_rows,) float64 >= 0
+    # (n_rows,) uint8 widest width each row may take, or None for no limit. A row
+    # that already lost precision in an earlier card gains nothing above its old width.
+    max_bits: np.ndarray | None = None
 
 
 def _hull_widths(n: int, group_size: int, widths: tuple[int, ...]) -> list[int]:
@@ -125,10 +128,11 @@ def allocate(
         for k in range(len(hull) - 1):
             cost = row_bytes(hull[k + 1], group.n, group_size) - row_bytes(hull[k], group.n, group_size)
             gain = distortion(hull[k]) - distortion(hull[k + 1])
-            values.append(group.scores * (gain / cost))
-            costs.append(np.full(n_rows, cost, dtype=np.int64))
-            rows.append(row_ids)
-            steps.append(np.full(n_rows, k, dtype=np.int16))
+            allowed = slice(None) if group.max_bits is None else group.max_bits >= hull[k + 1]
+            values.append((group.scores * (gain / cost))[allowed])
+            costs.append(np.full(n_rows, cost, dtype=np.int64)[allowed])
+            rows.append(row_ids[allowed])
+            steps.append(np.full(n_rows, k, dtype=np.int16)[allowed])
         row_offset += n_rows
 
     step_count = np.zeros(row_offset, dtype=np.int16)

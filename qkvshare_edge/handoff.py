@@ -113,12 +113,21 @@ def export_card(
     tokens: list[int] | np.ndarray | None = None,
     group_size: int | None = None,
     k_weight: float = DEFAULT_K_WEIGHT,
-    hop: int = 1,
-    parent_sha256: str = "",
+    hop: int | None = None,
+    parent_sha256: str | None = None,
+    previous: CacheCard | None = None,
     n_threads: int = 0,
 ) -> tuple[CacheCard, HandoffTiming]:
-    """Export one sequence of `llm` as a card; see `Llama.export_card` for the arguments."""
+    """Export one sequence of `llm` as a card; see `Llama.export_card` for the arguments.
+
+    `previous` is the card this sequence was imported from: rows it holds for
+    unchanged tokens keep its codes (see `_reuse_limits`).
+    """
     watch = _Stopwatch()
+    if hop is None:
+        hop = previous.provenance.hop + 1 if previous is not None else 1
+    if parent_sha256 is None:
+        parent_sha256 = previous.sha256 if previous is not None else ""
     _check_seq_id(llm, seq_id)
     if callable(controller):
         score, controller_name = controller, getattr(controller, "__name__", "custom")
@@ -168,26 +177,24 @@ def export_card(
     watch.lap("score")
     if group_size is None:
         group_size = codec.default_group_size([g.n for g in groups])
+    # One rotation chunk for the whole card: the largest that divides every row.
+    rotation_chunk = min(codec.default_rotation_chunk(g.n) for g in groups)
+    reuse = _reuse_limits(previous, ordered, token_array, group_size, rotation_chunk)
+    for group, (max_bits, _) in zip(groups, reuse, strict=True):
+        group.max_bits = max_bits
     widths = allocate(groups, budget, group_size)
     watch.lap("allocate")
 
-    # One rotation chunk for the whole card: the largest that divides every row.
-    rotation_chunk = min(codec.default_rotation_chunk(g.n) for g in groups)
     card_sections, i = [], 0
     for pos, layers in ordered:
         card_layers = []
         for k, v in layers:
             k_bits, v_bits = widths[2 * i], widths[2 * i + 1]
-            card_layers.append(
-                CardLayer(
-                    n_embd_k=k.shape[1],
-                    n_embd_v=v.shape[1],
-                    k_bits=k_bits,
-                    k_codes=codec.encode(k, k_bits, group_size, n_threads, rotation_chunk),
-                    v_bits=v_bits,
-                    v_codes=codec.encode(v, v_bits, group_size, n_threads, rotation_chunk),
-                )
-            )
+            k_codes = codec.encode(k, k_bits, group_size, n_threads, rotation_chunk)
+            v_codes = codec.encode(v, v_bits, group_size, n_threads, rotation_chunk)
+            k_codes = _splice_previous(k_codes, k_bits, k.shape[1], group_size, reuse[2 * i])
+            v_codes = _splice_previous(v_codes, v_bits, v.shape[1], group_size, reuse[2 * i + 1])
+            card_layers.append(CardLayer(k.shape[1], v.shape[1], k_bits, k_codes, v_bits, v_codes))
             i += 1
         card_sections.append(CardSection(pos.astype(np.int32), card_layers))
     watch.lap("encode")
@@ -216,6 +223,88 @@ def export_card(
     )
     logger.debug("export stages (ms): %s", timing.stages_ms)
     return card, timing
+
+
+# (max_bits per row or None, (rows, old widths, old payload) or None) per row group.
+_Reuse = tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]
+
+
+def _reuse_limits(
+    previous: CacheCard | None,
+    ordered: list[tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]],
+    token_array: np.ndarray,
+    group_size: int,
+    rotation_chunk: int,
+) -> list[_Reuse]:
+    """Find rows that `previous` already holds, to keep their codes across hops.
+
+    A row is reused when the previous card has the same section, position and
+    token id, and the same codec parameters. Its width is then capped at the
+    old width (more bits cannot bring back what the old card dropped), and
+    when the allocator keeps the old width, the old bytes are copied, so an
+    unchanged token does not lose precision again at every hop.
+
+    NOTE: a cell's K/V are taken as unchanged when its position and token are;
+    llama.cpp rewrites a cell only when it shifts positions (context shift),
+    which changes its position too.
+    """
+    n_groups = 2 * sum(len(layers) for _, layers in ordered)
+    compatible = (
+        previous is not None
+        and previous.group_size == group_size
+        and previous.rotation_chunk == rotation_chunk
+        and len(previous.sections) == len(ordered)
+    )
+    if not compatible:
+        return [(None, None)] * n_groups
+    assert previous is not None
+    token_at = dict(zip(previous.positions.tolist(), previous.token_ids.tolist(), strict=True))
+    out: list[_Reuse] = []
+    for (pos, layers), old in zip(ordered, previous.sections, strict=True):
+        # Rows of the new section whose position and token the old section holds.
+        index = np.searchsorted(old.positions, pos)
+        index = np.minimum(index, old.positions.shape[0] - 1)
+        same = old.positions[index] == pos
+        same &= np.array([token_at.get(int(p)) == int(token_array[p]) for p in pos], dtype=bool)
+        for (k, v), old_layer in zip(layers, old.layers, strict=True):
+            for n, old_n, old_bits, old_codes in (
+                (k.shape[1], old_layer.n_embd_k, old_layer.k_bits, old_layer.k_codes),
+                (v.shape[1], old_layer.n_embd_v, old_layer.v_bits, old_layer.v_codes),
+            ):
+                if not same.any() or n != old_n:
+                    out.append((None, None))
+                    continue
+                max_bits = np.full(pos.shape[0], codec.LOSSLESS_WIDTH, dtype=np.uint8)
+                max_bits[same] = old_bits[index[same]]
+                out.append((max_bits, (np.flatnonzero(same), index[same], old_bits, old_codes)))
+    return out
+
+
+def _row_offsets(bits: np.ndarray, n: int, group_size: int) -> np.ndarray:
+    table = np.zeros(codec.LOSSLESS_WIDTH + 1, dtype=np.int64)
+    for width, size in codec.row_bytes_table(n, group_size).items():
+        table[width] = size
+    sizes = table[bits]
+    return np.concatenate(([0], np.cumsum(sizes)))
+
+
+def _splice_previous(codes: np.ndarray, bits: np.ndarray, n: int, group_size: int, reuse: _Reuse) -> np.ndarray:
+    """Copy the previous card's bytes into `codes` for reused rows that kept their old width."""
+    _, source = reuse
+    if source is None:
+        return codes
+    rows, old_rows, old_bits, old_codes = source
+    keep = bits[rows] == old_bits[old_rows]
+    rows, old_rows = rows[keep], old_rows[keep]
+    if rows.size == 0:
+        return codes
+    new_offsets = _row_offsets(bits, n, group_size)
+    old_offsets = _row_offsets(old_bits, n, group_size)
+    out = codes.copy()
+    for new_row, old_row in zip(rows.tolist(), old_rows.tolist(), strict=True):
+        start, end = old_offsets[old_row], old_offsets[old_row + 1]
+        out[new_offsets[new_row] : new_offsets[new_row] + (end - start)] = old_codes[start:end]
+    return out
 
 
 # -- import ---------------------------------------------------------------------

@@ -44,6 +44,8 @@ class Llama(llama_cpp.Llama):
         # Computed now (about 0.25 s for Gemma 3 270M, then cached per file)
         # so that no handoff pays for it.
         self._fingerprint = fingerprint_model(model_path)
+        # The card each sequence was last imported from, for hop-stable re-export.
+        self._imported_cards: dict[int, CacheCard] = {}
         self.last_export_timing: HandoffTiming | None = None
         self.last_import_timing: HandoffTiming | None = None
         if n_seq_max != 1 or kv_unified is not None:
@@ -90,8 +92,9 @@ class Llama(llama_cpp.Llama):
         tokens: Sequence[int] | np.ndarray | None = None,
         group_size: int | None = None,
         k_weight: float = DEFAULT_K_WEIGHT,
-        hop: int = 1,
-        parent_sha256: str = "",
+        hop: int | None = None,
+        parent_sha256: str | None = None,
+        reuse_imported: bool = True,
         n_threads: int = 0,
     ) -> CacheCard:
         """Export one sequence's KV cache as a CacheCard.
@@ -109,8 +112,11 @@ class Llama(llama_cpp.Llama):
             group_size: elements per quantization group, a multiple of 8 dividing every
                 row; None picks 128, or the largest power of two dividing every row.
             k_weight: importance of key rows relative to value rows.
-            hop: how many handoffs this card has made (1 for the first).
-            parent_sha256: SHA-256 of the card this context was imported from, if any.
+            hop: how many handoffs this card has made; default: 1, or one more
+                than the card this sequence was imported from.
+            parent_sha256: SHA-256 of the parent card; default: the imported card's, if any.
+            reuse_imported: keep the imported card's codes for tokens that are
+                unchanged since the import, so error does not compound over hops.
             n_threads: native worker threads, 0 for one per core.
 
         Raises:
@@ -128,6 +134,7 @@ class Llama(llama_cpp.Llama):
             k_weight=k_weight,
             hop=hop,
             parent_sha256=parent_sha256,
+            previous=self._imported_cards.get(seq_id) if reuse_imported else None,
             n_threads=n_threads,
         )
         self.last_export_timing = timing
@@ -153,6 +160,7 @@ class Llama(llama_cpp.Llama):
             ImportFailedError: llama.cpp rejected the state; the sequence was restored.
         """
         self.last_import_timing = import_card(self, card, seq_id=seq_id, replace=replace, n_threads=n_threads)
+        self._imported_cards[seq_id] = card
 
     def continue_completion(self, text: str, **kwargs: Any) -> Any:
         """Complete `text` appended to the cached tokens of seq_id 0 (no BOS is added).
