@@ -1,8 +1,8 @@
 """CacheCard: a self-contained, quantized copy of one sequence's KV cache.
 
 The container is GGUF (little-endian, 32-byte aligned tensor data), written
-and read with the `gguf` package; `docs/cachecard.md` specifies every key and
-tensor. A card holds no llama.cpp cache type, V layout, n_ctx or seq_id, so
+with the `gguf` package and read by the bounds-checked `gguf_reader`;
+`docs/cachecard.md` specifies every key and tensor. A card holds no llama.cpp cache type, V layout, n_ctx or seq_id, so
 any context of the same model can import it.
 """
 
@@ -433,8 +433,9 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
         vs = fields.get(_KEY + f"section.{s}.n_embd_v", list)
         if len(ks) != n_layer or len(vs) != n_layer:
             raise CardFormatError(f"{source}: section {s} lists {len(ks)}/{len(vs)} row sizes for {n_layer} layers")
-        for j, n in enumerate(ks + vs):
-            _bounded(source, f"section {s} row size {j}", n, 1, MAX_ROW_ELEMENTS)
+        for j, (k_n, v_n) in enumerate(zip(ks, vs, strict=True)):
+            _bounded(source, f"section {s} layer {j} K row size", k_n, 1, MAX_ROW_ELEMENTS)
+            _bounded(source, f"section {s} layer {j} V row size", v_n, 1, MAX_ROW_ELEMENTS)
         n_layers.append(n_layer)
         n_embd_k.append(ks)
         n_embd_v.append(vs)
@@ -469,6 +470,8 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
                 f"{source}: tensor {name} has type {TENSOR_TYPE_NAMES.get(tensor.ggml_type, tensor.ggml_type)}, "
                 f"expected {TENSOR_TYPE_NAMES[want]}"
             )
+        if len(tensor.shape) != 1:
+            raise CardFormatError(f"{source}: tensor {name} has shape {list(tensor.shape)}, expected one dimension")
         raw = reader.raw(name)
         if zlib.crc32(raw) != crc:
             raise CardChecksumError(
@@ -570,6 +573,8 @@ def _describe_tensor(name: str) -> str:
 def _validate(card: CacheCard, source: str) -> None:
     """Check the card's internal consistency; raise CardFormatError naming the first fault."""
     n = card.n_tokens
+    if n > MAX_TOKENS:
+        raise CardFormatError(f"{source}: {n} tokens, more than the limit of {MAX_TOKENS}")
     if card.positions.shape != (n,):
         raise CardFormatError(f"{source}: {card.positions.shape[0]} positions for {n} tokens")
     if n == 0:
@@ -601,6 +606,8 @@ def _validate(card: CacheCard, source: str) -> None:
                 ("V", layer.n_embd_v, layer.v_bits, layer.v_codes),
             ):
                 where = f"{source}: section {s}, layer {j}, {part}"
+                if not 1 <= n_embd <= MAX_ROW_ELEMENTS:
+                    raise CardFormatError(f"{where}: row of {n_embd} elements, expected 1 to {MAX_ROW_ELEMENTS}")
                 if n_embd % card.group_size != 0:
                     raise CardFormatError(f"{where}: row of {n_embd} elements is not a multiple of group_size")
                 if chunk and n_embd % chunk != 0:
