@@ -58,7 +58,7 @@ BUILTIN_SYSTEM_PROMPT = (
 
 
 class AgentsFileError(QKVShareError, ValueError):
-    """The agents file is missing, is not valid TOML, or holds an invalid agent definition."""
+    """The agents file is missing, is not valid TOML, or contains an invalid agent definition."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Registry name (see `qkvedge models`) or path to a .gguf file.")
 ]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for the JSON, Markdown and PNG files.")]
-ThreadsOption = Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads; 0 for every core.")]
+ThreadsOption = Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads, 0 for every core.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
     bench_app = typer.Typer(help="Benchmarks: receiver TTFT and codec throughput.", no_args_is_help=True)
     app.add_typer(bench_app, name="bench")
 
-    # Imported here: cli.py imports this module while it is being set up.
+    # Imported here because cli.py imports this module while cli.py itself is being set up.
     from .cli import _fail, _setup_logging
 
     @bench_app.command("ttft")

@@ -38,7 +38,7 @@ MIXED = "mixed"
 # Mixed allocation: the allocator's choice at this budget for log-normal row scores.
 MIXED_BUDGET = 4.0
 MIXED_SCORE_SIGMA = 1.5
-# Targets of issue 4: per thread, decode >= 1/2 and encode >= 1/4 of memcpy.
+# Targets per thread: decode at least half of memcpy's speed, encode at least a quarter.
 TARGET_DECODE_OVER_MEMCPY = 0.5
 TARGET_ENCODE_OVER_MEMCPY = 0.25
 
@@ -92,7 +92,7 @@ def _gbps(n_bytes: int, seconds: float) -> float:
 
 
 class _ParallelCopy:
-    """np.copyto split over a thread pool; one chunk per thread."""
+    """Copier that splits np.copyto over a thread pool, one chunk per thread."""
 
     def __init__(self, dst: np.ndarray, src: np.ndarray, threads: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
@@ -311,7 +311,7 @@ def write_plot(result: dict[str, Any], path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed; no plot written")
+        logger.warning("matplotlib is not installed, so no plot was written; pip install matplotlib")
         return None
     names = list(result["workloads"])
     threads = [str(t) for t in result["settings"]["thread_counts"]]

@@ -58,14 +58,14 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXTS: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768)
 CARD_BUDGETS: tuple[float, ...] = (16.0, 8.0, 4.0, 3.0)
-# Controller of the fixed-budget cards; `card-default` uses the default budget and controller.
+# Controller of the fixed-budget cards. The `card-default` path uses the default budget and controller.
 FIXED_BUDGET_CONTROLLER = "uniform"
 # At and above this many context tokens, re-prefill gets `reprefill_repeats_long` samples.
 LONG_CONTEXT = 8192
 LINK_RANGE_MBPS: tuple[float, float] = (1.0, 1000.0)
 DEFAULT_LINK_MBPS: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
 
-# Targets of issue 4 (Gemma 3 270M on the 2-core benchmark machine).
+# Targets set for Gemma 3 270M on a 2-core CPU: card TTFT against llama.cpp's state, 8K export time, peak memory.
 TARGET_CARD_OVER_STATE = 1.15
 TARGET_EXPORT_MS_8K = 60.0
 TARGET_EXPORT_CONTEXT = 8192
@@ -176,7 +176,7 @@ def parse_contexts(text: str) -> list[int]:
             raise ValueError(f"context {item!r} is not a token count like 4096 or 4K")
         value = int(digits) * scale
         if value < 16:
-            raise ValueError(f"context {value} is too short; use at least 16 tokens")
+            raise ValueError(f"context {value} is too short: use at least 16 tokens")
         out.append(value)
     if not out:
         raise ValueError("give at least one context length, e.g. --contexts 1K,2K")
@@ -323,7 +323,7 @@ def _save_state_file(llm: Llama, path: Path, tokens: list[int]) -> float:
     written = llama_cpp.llama_state_seq_save_file(llm.ctx, str(path).encode(), 0, array, len(tokens))
     elapsed = _ms(start, _now())
     if written == 0:
-        raise RuntimeError(f"llama_state_seq_save_file failed for {path}; see llama.cpp's log")
+        raise RuntimeError(f"llama_state_seq_save_file failed for {path}: see llama.cpp's log")
     return elapsed
 
 
@@ -335,7 +335,7 @@ def _load_state_file(llm: Llama, path: Path) -> int:
         llm.ctx, str(path).encode(), 0, tokens_out, capacity, ctypes.byref(count)
     )
     if read == 0:
-        raise RuntimeError(f"llama_state_seq_load_file failed for {path}; see llama.cpp's log")
+        raise RuntimeError(f"llama_state_seq_load_file failed for {path}: see llama.cpp's log")
     n = int(count.value)
     llm.input_ids[:n] = np.ctypeslib.as_array(tokens_out)[:n]
     llm.n_tokens = n
@@ -805,7 +805,7 @@ def link_model(result: dict[str, Any], link_mbps: list[float]) -> dict[str, Any]
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Check the issue's TTFT, export and memory targets against this run."""
+    """Check this run against the TTFT, export-time and peak-memory targets."""
     targets: list[dict[str, Any]] = []
     for ctx in result["contexts"]:
         n = ctx["n_tokens"]
@@ -1007,14 +1007,14 @@ def _crossing_text(crossings: list[dict[str, Any]], a: str, b: str) -> str:
 
 
 def write_plots(result: dict[str, Any], out_dir: Path, prefix: str = "ttft") -> list[Path]:
-    """Write the TTFT, stage and link plots as PNG; return their paths (none without matplotlib)."""
+    """Write the TTFT, stage and link plots as PNG and return their paths (an empty list without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed; no plots written")
+        logger.warning("matplotlib is not installed, so no plots were written; pip install matplotlib")
         return []
     contexts = result["contexts"]
     if not contexts:

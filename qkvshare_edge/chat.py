@@ -25,6 +25,7 @@ import contextlib
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,11 @@ class ContextFullError(ContextTooSmallError):
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """How a conversation is written as text: the pieces around user messages and replies.
+    """The text pieces around user messages and replies that write a conversation as a prompt.
 
     A conversation reads `head + user + assistant_prompt + reply + user_separator + user + assistant_prompt + ...`.
-    A user turn stays open after a loaded file until the next message joins it.
+    A loaded file either opens a user message that the next message joins, or
+    is plain context text between turns (`document_in_turn`).
     """
 
     name: str
@@ -85,6 +87,11 @@ class ChatFormat:
     stop: tuple[str, ...] = ()
     # The template writes the BOS token's text itself; the session then adds the BOS token id.
     bos_in_template: bool = False
+    # A loaded file opens (or joins) a user message; when False it is context text outside any turn.
+    document_in_turn: bool = True
+    # Text that opens a user message after a file outside any turn; None means `user_separator`, which also
+    # follows a card's tokens, whose last turn is unknown.
+    context_separator: str | None = None
 
     def head_segments(self, system: str) -> tuple[list[Segment], str]:
         """Return the segments that open a conversation, and the text to put before the first message's content."""
@@ -96,13 +103,19 @@ class ChatFormat:
         return [(before, True), (system, False), (after, True)], ""
 
 
+# The format for models without a chat template. Its roles are named Question and Answer, because base
+# models continue that pattern more reliably than User/Assistant. On Gemma 3 270M base (Q4_K_M, greedy,
+# three questions about the demo text after the text) it answered two of three correctly and stopped at
+# the next "Question:", where User/Assistant answered one and ran on with invented roles.
 PLAIN_FORMAT = ChatFormat(
     name="plain",
-    head="User: ",
-    system_head=("", "\n\nUser: "),
-    user_separator="\nUser: ",
-    assistant_prompt="\nAssistant:",
-    stop=("\nUser:",),
+    head="Question: ",
+    system_head=("", "\n\nQuestion: "),
+    user_separator="\nQuestion: ",
+    assistant_prompt="\nAnswer:",
+    stop=("\nQuestion:",),
+    document_in_turn=False,
+    context_separator="\n\nQuestion: ",
 )
 
 _SENTINELS = ("QKVSYSTEMSENTINEL", "QKVUSERSENTINELONE", "QKVASSISTANTSENTINEL", "QKVUSERSENTINELTWO")
@@ -116,7 +129,10 @@ def format_from_template(template: str, bos_text: str, eos_text: str) -> ChatFor
     """
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+    try:
+        formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text)
+    except Exception as exc:  # jinja2 raises its own TemplateSyntaxError and others
+        raise ValueError(f"the chat template is not valid Jinja: {exc}") from exc
     system, user1, assistant, user2 = _SENTINELS
     conversation = [
         {"role": "user", "content": user1},
@@ -331,8 +347,8 @@ class ChatSession:
         self.model_lock = model_lock or threading.Lock()
         self.tokens: list[int] = []
         self.n_cached = 0
-        # "empty", "user_open" (a loaded file waits for the question), "assistant" (a reply ended the text),
-        # or "opaque" (imported from a card whose last turn is unknown).
+        # "empty", "user_open" (a user message waits for more), "context" (a file outside any turn ended the
+        # text), "assistant" (a reply ended the text), or "opaque" (imported from a card whose last turn is unknown).
         self.state = "empty"
         # Text put before the content of the next user message (a system prompt after a handoff).
         self.preamble = ""
@@ -345,10 +361,22 @@ class ChatSession:
     # -- text to tokens
 
     def _tokenize(self, segments: Sequence[Segment]) -> list[int]:
-        out: list[int] = []
+        """Tokenize the segments of one addition, adding BOS at the start of the conversation.
+
+        Adjacent segments with the same flag go through one tokenizer call, and
+        plain-format text through a single call, because SentencePiece
+        tokenizers with a space prefix put a space at the start of every call.
+        """
+        groups: list[Segment] = []
         for text, special in segments:
-            if not text:
-                continue
+            if self.format.name == "plain":
+                special = False
+            if groups and groups[-1][1] == special:
+                groups[-1] = (groups[-1][0] + text, special)
+            elif text:
+                groups.append((text, special))
+        out: list[int] = []
+        for text, special in groups:
             first = not self.tokens and not out
             if first and self.format.bos_in_template:
                 out.append(self.llm.token_bos())
@@ -364,6 +392,8 @@ class ChatSession:
             prefix = system_prefix + prefix
         elif self.state == "user_open":
             segments = [("\n\n", False)]
+        elif self.state == "context" and self.format.context_separator is not None:
+            segments = [(self.format.context_separator, True)]
         else:
             segments = [(self.format.user_separator, True)]
         segments.append((prefix + content, False))
@@ -450,11 +480,29 @@ class ChatSession:
     # -- conversation
 
     def add_document(self, name: str, text: str, progress: ProgressCallback | None = None) -> int:
-        """Prefill a file's text as an open user message; return its token count.
+        """Prefill a file's text; return its token count.
 
-        The next message joins the same user message, so the question follows the file.
+        With a chat template the file opens a user message that the next
+        message joins, so the question follows the file. In the plain format
+        it is context text before the next question.
+
+        Raises:
+            ContextFullError: the file does not fit in the context (nothing is appended then).
         """
-        added = self.add_user(f"Contents of {name}:\n\n{text.rstrip()}", open_reply=False, what=f"file {name}")
+        content = f"Contents of {name}:\n\n{text.rstrip()}"
+        if self.format.document_in_turn:
+            added = self.add_user(content, open_reply=False, what=f"file {name}")
+        else:
+            if self.state != "empty":
+                segments: list[Segment] = [("\n\n", False)]
+            elif self.system:
+                segments = [(self.system + "\n\n", False)]
+            else:
+                segments = []
+            tokens = self._tokenize([*segments, (content, False)])
+            self._append(tokens, f"file {name}")
+            self.state = "context"
+            added = len(tokens)
         self.sync(progress if added >= PROGRESS_MIN_TOKENS else None)
         return added
 
@@ -830,6 +878,7 @@ class AgentPool:
 
             agent = RemoteAgent(AgentClient(target))
             agent.info = agent.client.health()
+            agent.name = f"{agent.info['agent']}@{urllib.parse.urlsplit(target).netloc}"
         else:
             agent = self._load(self.agents.get(target))
         self._loaded[target] = agent
@@ -1133,8 +1182,7 @@ class ChatRepl:
                 first = False
                 if pending is not None:
                     pending.ttft_ms = (time.perf_counter() - start) * 1e3
-                    self.err.write(pending.summary() + "\n")
-                    self.err.flush()
+                    self.out.write(pending.summary() + "\n")
                 self.out.write(f"{self.agent.name}: ")
             self.out.write(piece)
             self.out.flush()
@@ -1144,7 +1192,7 @@ class ChatRepl:
         if first:
             if pending is not None:
                 pending.ttft_ms = reply.ttft_ms
-                self.err.write(pending.summary() + "\n")
+                self.out.write(pending.summary() + "\n")
             self.out.write(f"{self.agent.name}: (no text; the reply ended at once)")
         if reply.finish_reason == "interrupted":
             self.out.write(" [stopped]")
@@ -1291,6 +1339,8 @@ def run_single(
             bar.close()
     result = None
     if handoff_to is not None:
+        if current.n_tokens == 0:
+            raise ValueError(f"{current.name} has no context to hand off to {handoff_to}; pass --prompt-file")
         target = pool.get(handoff_to)
         config = current.config if isinstance(current, LocalAgent) else None
         budget = config.budget if config else 4.0

@@ -10,6 +10,7 @@ import restores the target sequence as it was.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -116,18 +117,23 @@ def export_card(
     hop: int | None = None,
     parent_sha256: str | None = None,
     previous: CacheCard | None = None,
+    previous_valid_until: int = 0,
     n_threads: int = 0,
 ) -> tuple[CacheCard, HandoffTiming]:
     """Export one sequence of `llm` as a card; see `Llama.export_card` for the arguments.
 
     `previous` is the card this sequence was imported from: rows it holds for
-    unchanged tokens keep its codes (see `_reuse_limits`).
+    positions below `previous_valid_until` (not decoded again since the
+    import) keep its codes (see `_reuse_limits`).
     """
     watch = _Stopwatch()
     if hop is None:
         hop = previous.provenance.hop + 1 if previous is not None else 1
     if parent_sha256 is None:
-        parent_sha256 = previous.sha256 if previous is not None else ""
+        parent_sha256 = ""
+        if previous is not None:
+            # A card handed over in memory has no digest yet.
+            parent_sha256 = previous.sha256 or hashlib.sha256(previous.to_bytes()).hexdigest()
     _check_seq_id(llm, seq_id)
     if callable(controller):
         score, controller_name = controller, getattr(controller, "__name__", "custom")
@@ -179,7 +185,7 @@ def export_card(
         group_size = codec.default_group_size([g.n for g in groups])
     # One rotation chunk for the whole card: the largest that divides every row.
     rotation_chunk = min(codec.default_rotation_chunk(g.n) for g in groups)
-    reuse = _reuse_limits(previous, ordered, token_array, group_size, rotation_chunk)
+    reuse = _reuse_limits(previous, previous_valid_until, ordered, token_array, group_size, rotation_chunk)
     for group, (max_bits, _) in zip(groups, reuse, strict=True):
         group.max_bits = max_bits
     widths = allocate(groups, budget, group_size)
@@ -231,6 +237,7 @@ _Reuse = tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 def _reuse_limits(
     previous: CacheCard | None,
+    valid_until: int,
     ordered: list[tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]],
     token_array: np.ndarray,
     group_size: int,
@@ -238,15 +245,17 @@ def _reuse_limits(
 ) -> list[_Reuse]:
     """Find rows that `previous` already holds, to keep their codes across hops.
 
-    A row is reused when the previous card has the same section, position and
+    A row is reused when its position is below `valid_until` (nothing was
+    decoded again there since the import: K/V at a position depend on every
+    token before it) and the previous card has the same section, position and
     token id, and the same codec parameters. Its width is then capped at the
     old width (more bits cannot bring back what the old card dropped), and
     when the allocator keeps the old width, the old bytes are copied, so an
     unchanged token does not lose precision again at every hop.
 
-    NOTE: a cell's K/V are taken as unchanged when its position and token are;
-    llama.cpp rewrites a cell only when it shifts positions (context shift),
-    which changes its position too.
+    NOTE: a cell is taken as unchanged when it was not decoded again; llama.cpp
+    also rewrites cells when it shifts positions (context shift), which
+    llama-cpp-python does not do on its own.
     """
     n_groups = 2 * sum(len(layers) for _, layers in ordered)
     compatible = (
@@ -264,7 +273,7 @@ def _reuse_limits(
         # Rows of the new section whose position and token the old section holds.
         index = np.searchsorted(old.positions, pos)
         index = np.minimum(index, old.positions.shape[0] - 1)
-        same = old.positions[index] == pos
+        same = (old.positions[index] == pos) & (pos < valid_until)
         same &= np.array([token_at.get(int(p)) == int(token_array[p]) for p in pos], dtype=bool)
         for (k, v), old_layer in zip(layers, old.layers, strict=True):
             for n, old_n, old_bits, old_codes in (

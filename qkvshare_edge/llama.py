@@ -44,8 +44,10 @@ class Llama(llama_cpp.Llama):
         # Computed now (about 0.25 s for Gemma 3 270M, then cached per file)
         # so that no handoff pays for it.
         self._fingerprint = fingerprint_model(model_path)
-        # The card each sequence was last imported from, for hop-stable re-export.
+        # The card each sequence was last imported from, and the first position
+        # decoded again since then, for hop-stable re-export.
         self._imported_cards: dict[int, CacheCard] = {}
+        self._clean_until: dict[int, int] = {}
         self.last_export_timing: HandoffTiming | None = None
         self.last_import_timing: HandoffTiming | None = None
         if n_seq_max != 1 or kv_unified is not None:
@@ -135,6 +137,7 @@ class Llama(llama_cpp.Llama):
             hop=hop,
             parent_sha256=parent_sha256,
             previous=self._imported_cards.get(seq_id) if reuse_imported else None,
+            previous_valid_until=self._clean_until.get(seq_id, 0),
             n_threads=n_threads,
         )
         self.last_export_timing = timing
@@ -161,6 +164,53 @@ class Llama(llama_cpp.Llama):
         """
         self.last_import_timing = import_card(self, card, seq_id=seq_id, replace=replace, n_threads=n_threads)
         self._imported_cards[seq_id] = card
+        self._clean_until[seq_id] = int(card.positions[-1]) + 1
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Evaluate tokens into seq_id 0 after `n_tokens` (llama_cpp.Llama.eval)."""
+        # Cells from n_tokens on are decoded again, so an imported card's codes
+        # no longer describe them.
+        if 0 in self._clean_until:
+            self._clean_until[0] = min(self._clean_until[0], self.n_tokens)
+        super().eval(tokens)
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        """Generate tokens (llama_cpp.Llama.generate), re-decoding the whole prompt where a window cache needs it.
+
+        llama-cpp-python keeps the longest cached prefix and decodes the rest.
+        A sliding-window cache restored from a card or a state holds only the
+        last window of cells, so a prompt that departs from the cached tokens
+        before that window's reach would attend to cells that are not there.
+        The prompt is then decoded from the start instead.
+        """
+        # reset is the 7th parameter after tokens in llama_cpp.Llama.generate.
+        reset = kwargs.get("reset", args[6] if len(args) > 6 else True)
+        if reset and self.n_tokens > 0:
+            self._drop_cache_if_window_missing(list(tokens))
+        return super().generate(tokens, *args, **kwargs)
+
+    def _drop_cache_if_window_missing(self, tokens: list[int]) -> None:
+        n_swa = int(llama_cpp.llama_model_n_swa(self._model.model))
+        if n_swa <= 0:
+            return
+        prefix = 0
+        for cached, new in zip(self.input_ids[: self.n_tokens].tolist(), tokens, strict=False):
+            if cached != new:
+                break
+            prefix += 1
+        # generate() decodes again from `keep`: the prefix, or one token less when it covers the prompt.
+        keep = prefix - 1 if prefix == len(tokens) else prefix
+        if keep >= self.n_tokens:
+            return
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        pos_min = int(llama_cpp.llama_memory_seq_pos_min(memory, 0))
+        # A query at position `keep` sees cells from keep - n_swa + 1 on (llama.cpp's standard window).
+        if pos_min > max(0, keep - n_swa + 1):
+            logger.debug(
+                "prompt departs at %d before the window cache's first cell %d; decoding it again", keep, pos_min
+            )
+            llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+            self.n_tokens = 0
 
     def continue_completion(self, text: str, **kwargs: Any) -> Any:
         """Complete `text` appended to the cached tokens of seq_id 0 (no BOS is added).

@@ -406,6 +406,7 @@ class ChatRun:
         self.stream = stream
         self.temporary = temporary
         self._locked = False
+        self._closed = False
         self._mark: tuple[int, str, str] | None = None
 
     @property
@@ -474,7 +475,10 @@ class ChatRun:
         return reply
 
     def close(self) -> None:
-        """Release the session lock, and the sequence of a temporary session."""
+        """Release the session lock, and the sequence of a temporary session; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.session.last_used = time.time()
         if self._locked:
             self.session.lock.release()
@@ -688,12 +692,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
         run = self.server.service.start_chat(request)
+        # The run is closed before the last bytes go out, so a client that sends its next request as soon as
+        # it has read the reply finds the session free.
         try:
             if run.stream:
                 self._stream_reply(run)
             else:
                 reply = run.generate()
-                self._send_json(HTTPStatus.OK, _completion(run, reply, f"chatcmpl-{secrets.token_hex(8)}"))
+                completion = _completion(run, reply, f"chatcmpl-{secrets.token_hex(8)}")
+                run.close()
+                self._send_json(HTTPStatus.OK, completion)
         finally:
             run.close()
 
@@ -741,6 +749,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         final = chunk({}, _finish_reason(reply))
         final.update(_usage(run, reply))
+        run.close()
         send(final)
         send("[DONE]")
 

@@ -19,7 +19,8 @@ Q4_0 = 2
 Q8_0 = 8
 BF16 = 30
 
-# Smallest context llama.cpp 0.3.36 creates: it rounds n_ctx up to a multiple of 256.
+# Smallest context that the llama.cpp of llama-cpp-python 0.3.36 creates: it rounds n_ctx up
+# to a multiple of 256.
 N_CTX = 256
 
 PARAGRAPH = (
@@ -77,9 +78,9 @@ def text_tokens(llama_path: Path) -> list[int]:
 
 @pytest.fixture
 def new_llama() -> Iterator[LlamaFactory]:
-    """Return a factory of `Llama` contexts with small test defaults; closes them at teardown.
+    """Yield a factory of `Llama` contexts with small test defaults, and close them at teardown.
 
-    The factory takes the model path and any `Llama` keyword argument; its defaults are
+    The factory takes the model path and any `Llama` keyword argument. Its defaults are
     n_ctx=256, flash_attn=True, f16 K and V caches, 2 threads and no logging.
     """
     created: list[Llama] = []
