@@ -127,6 +127,8 @@ def export_card(
     import) keep its codes (see `_reuse_limits`).
     """
     watch = _Stopwatch()
+    if not (np.isfinite(k_weight) and k_weight > 0):
+        raise ValueError(f"k_weight must be a positive finite number, got {k_weight!r}")
     if hop is None:
         hop = previous.provenance.hop + 1 if previous is not None else 1
     if parent_sha256 is None:
