@@ -150,12 +150,20 @@ def register(app: typer.Typer, card_app: typer.Typer) -> None:
         session_ttl: Annotated[
             float, typer.Option(min=0, help="Seconds after which an idle session may be removed; 0 keeps them.")
         ] = DEFAULT_SESSION_TTL_S,
+        key_file: Annotated[
+            Path | None,
+            typer.Option(help="Shared HMAC key file for card signatures; default: $QKVEDGE_CARD_KEY if set."),
+        ] = None,
+        require_signed: Annotated[
+            bool, typer.Option(help="Reject cards that are not signed with the shared key (HTTP 403).")
+        ] = False,
         threads: ThreadsOption = None,
         verbose: VerboseOption = False,
     ) -> None:
         """Run an agent as an HTTP server that imports cards and continues them (OpenAI-compatible chat API)."""
         from .agents import load_agents
         from .server import AgentService, start_server, stop_server
+        from .signing import load_key
 
         _setup_logging(verbose)
         # Starts, stops and caught errors are logged at INFO and WARNING; the server's own logger shows them.
@@ -169,6 +177,8 @@ def register(app: typer.Typer, card_app: typer.Typer) -> None:
                 threads=threads,
                 max_card_bytes=int(max_card_mb * (1 << 20)),
                 session_ttl_s=session_ttl,
+                card_key=load_key(key_file),
+                require_signed=require_signed,
             )
             server = start_server(service, host, port)
         except _EXPECTED_ERRORS as exc:
@@ -302,15 +312,19 @@ def _export_text(
     progress_bar: Any,
 ) -> str:
     import llama_cpp
+    from llama_cpp._internals import LlamaModel
 
     from .chat import PREFILL_CHUNK
     from .llama import Llama
     from .models import resolve_model
 
     model_path = str(resolve_model(model))
-    vocab = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+    # The vocabulary alone gives the prompt's length, and so the context size, before a context exists.
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    vocab = LlamaModel(path_model=model_path, params=params, verbose=False)
     try:
-        tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True)
+        tokens = vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
     finally:
         vocab.close()
     if len(tokens) < 2:

@@ -158,13 +158,16 @@ def register(app: typer.Typer) -> None:
             command=command,
         )
         out.mkdir(parents=True, exist_ok=True)
+
+        def save(partial_result: dict[str, Any]) -> None:
+            _write_json(out / "ttft.json", partial_result)
+            (out / "ttft.md").write_text(bench_ttft.markdown_report(partial_result), encoding="utf-8")
+
         with _progress(bench_ttft.count_steps(config), quiet) as step:
-            result = bench_ttft.run_ttft(config, step)
+            result = bench_ttft.run_ttft(config, step, on_context=save)
         if not result["contexts"]:
             _fail("no context could be measured: " + "; ".join(s["reason"] for s in result["skipped_contexts"]))
-        _write_json(out / "ttft.json", result)
-        report = bench_ttft.markdown_report(result)
-        (out / "ttft.md").write_text(report, encoding="utf-8")
+        save(result)
         written = [out / "ttft.json", out / "ttft.md"]
         if plots:
             written += bench_ttft.write_plots(result, out)

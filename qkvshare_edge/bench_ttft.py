@@ -657,8 +657,19 @@ def _memory_phase(
 # -- whole run -----------------------------------------------------------------
 
 
-def run_ttft(config: TtftConfig, step: ProgressCallback | None = None) -> dict[str, Any]:
-    """Run the benchmark and return its JSON-ready result."""
+def run_ttft(
+    config: TtftConfig,
+    step: ProgressCallback | None = None,
+    on_context: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and return its JSON-ready result.
+
+    Args:
+        config: the run's settings.
+        step: called after each measurement (for a progress bar).
+        on_context: called with the result so far after each context, so a long run
+            can save partial results.
+    """
     step = step or (lambda _message: None)
     specs = path_specs(config.budgets, config.controller)
     result: dict[str, Any] = {
@@ -690,6 +701,7 @@ def run_ttft(config: TtftConfig, step: ProgressCallback | None = None) -> dict[s
         work = config.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for n_tokens in config.contexts:
+            started = _now()
             try:
                 info, files, context, follow_up, sender_sample = _sender_phase(config, specs, n_tokens, work, step)
                 samples = _receiver_phase(config, specs, n_tokens, files, context, follow_up, sender_sample, step)
@@ -700,7 +712,16 @@ def run_ttft(config: TtftConfig, step: ProgressCallback | None = None) -> dict[s
             entry = _context_entry(info, specs, files, samples)
             if config.memory:
                 entry["memory"] = _memory_phase(config, n_tokens, files, entry["kv_f16_bytes"], work, step)
+            entry["wall_s"] = _ms(started, _now()) / 1e3
+            entry["load_average_end"] = load_average()
             result["contexts"].append(entry)
+            if on_context is not None:
+                on_context(_finish(result, config, partial=True))
+    return _finish(result, config, partial=False)
+
+
+def _finish(result: dict[str, Any], config: TtftConfig, *, partial: bool) -> dict[str, Any]:
+    result["partial"] = partial
     result["environment"]["load_average_end"] = load_average()
     result["link"] = link_model(result, config.link_mbps)
     result["targets"] = evaluate_targets(result)
@@ -882,7 +903,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     env = result["environment"]
     settings = result["settings"]
     lines = [
-        "# qkvedge bench ttft",
+        "# qkvedge bench ttft" + (" (partial: the run has not finished)" if result.get("partial") else ""),
         "",
         f"- command: `{result['command']}`",
         f"- machine: {env['machine']}; {env['os']}",
@@ -912,6 +933,14 @@ def markdown_report(result: dict[str, Any]) -> str:
                 f"| {p['bytes_per_token']:,.0f} | {export} |"
             )
     lines += ["", "Re-prefill 'bytes' are the context text that re-prefill would send instead.", ""]
+    lines += [
+        "Wall time and 1-minute load average at the end of each context: "
+        + ", ".join(
+            f"{c['n_tokens']} tokens {c.get('wall_s', 0):.0f} s, load {(c.get('load_average_end') or ['?'])[0]}"
+            for c in result["contexts"]
+        ),
+        "",
+    ]
 
     lines += ["## Receiver stages (median ms)", ""]
     stage_names = [*IMPORT_STAGES_CARD, "load_file", "prefill_context"]

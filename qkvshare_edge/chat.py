@@ -34,13 +34,16 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 import llama_cpp
 import numpy as np
 
-from .agents import AgentConfig, AgentsFile, is_url
+from .agents import DEFAULT_AGENT_BUDGET_BITS, AgentConfig, AgentsFile, is_url
 from .card import CacheCard
+from .controllers import DEFAULT_CONTROLLER
 from .errors import ContextTooSmallError, QKVShareError
 
 if TYPE_CHECKING:
     from .llama import Llama
     from .server import AgentClient
+
+from .signing import load_key
 
 logger = logging.getLogger(__name__)
 
@@ -824,8 +827,15 @@ class RemoteAgent:
         if self.session_id is None:
             raise ValueError(f"no session on {self.client.url} yet; hand a card to it first")
         reply, n_context = self.client.chat(
-            self.session_id, [{"role": "user", "content": content}], max_tokens=max_tokens, on_text=on_text
+            self.session_id,
+            [{"role": "user", "content": content}],
+            max_tokens=max_tokens,
+            on_text=on_text,
+            should_stop=should_stop,
         )
+        if n_context is None:
+            # A stopped reply has no final chunk; the server stops at its next token.
+            n_context = int(self.client.session_info(self.session_id)["n_tokens"])
         self._n_tokens = n_context
         return reply
 
@@ -862,6 +872,10 @@ class AgentPool:
         self.agents = agents
         self.threads = threads
         self._loaded: dict[str, Agent] = {}
+
+    def is_loaded(self, target: str) -> bool:
+        """Return whether `get(target)` returns an agent that is already loaded or connected."""
+        return target in self._loaded
 
     def get(self, target: str) -> Agent:
         """Return the agent for an agent name or a `qkvedge serve` URL, loading its model on first use.
@@ -902,7 +916,7 @@ class AgentPool:
         for agent in self._loaded.values():
             try:
                 agent.close()
-            except (OSError, ValueError) as exc:
+            except (QKVShareError, OSError, ValueError) as exc:
                 logger.warning("could not close agent %s: %s", agent.name, exc)
             if isinstance(agent, LocalAgent):
                 agent.llm.close()
@@ -914,7 +928,7 @@ class AgentPool:
 
 @dataclass
 class HandoffResult:
-    """What one handoff moved and how long its stages took."""
+    """The record of one handoff: what it moved and how long its stages took."""
 
     source: str
     target: str
@@ -938,17 +952,25 @@ class HandoffResult:
         )
 
 
+def handoff_settings(agent: Agent) -> tuple[float, str]:
+    """Return the budget and controller that `agent` hands off with: its agents-file settings, else the defaults."""
+    if isinstance(agent, LocalAgent):
+        return agent.config.budget, agent.config.controller
+    return DEFAULT_AGENT_BUDGET_BITS, DEFAULT_CONTROLLER
+
+
 def hand_off(source: Agent, target: Agent, *, budget: float, controller: str) -> HandoffResult:
     """Export `source`'s context as a card and import it into `target`, which then continues the conversation.
 
     The card is serialized and parsed again even between two local agents, so
     the handoff takes the same path as one between processes. The target's
     system prompt, when it differs from the source's, opens its next user
-    message (the context already holds the source's system prompt).
+    message (the context already contains the source's system prompt).
     """
     start = time.perf_counter()
     card = source.export_card(budget=budget, controller=controller)
-    data = card.to_bytes()
+    # Signed with the shared key from QKVEDGE_CARD_KEY when it is set.
+    data = card.to_bytes(key=load_key())
     export_ms = (time.perf_counter() - start) * 1e3
 
     state = source.session.state if isinstance(source, LocalAgent) else "opaque"
@@ -1089,7 +1111,7 @@ class ChatRepl:
         self.err.flush()
 
     def _get_agent(self, target: str) -> Agent:
-        if target not in self.pool._loaded and not is_url(target):
+        if not self.pool.is_loaded(target) and not is_url(target):
             self.err.write(f"loading {target} ...\n")
             self.err.flush()
         return self.pool.get(target)
@@ -1098,10 +1120,8 @@ class ChatRepl:
 
     def handoff_settings(self) -> tuple[float, str]:
         """Return the budget and controller of the next handoff: set by /budget, else the current agent's."""
-        config = self.agent.config if isinstance(self.agent, LocalAgent) else None
-        budget = self.budget if self.budget is not None else (config.budget if config else 4.0)
-        controller = self.controller or (config.controller if config else "sink-recent")
-        return budget, controller
+        budget, controller = handoff_settings(self.agent)
+        return (self.budget if self.budget is not None else budget), (self.controller or controller)
 
     def default_target(self) -> str | None:
         if self.handoff_to is not None and self.handoff_to != self.agent.name:
@@ -1175,11 +1195,13 @@ class ChatRepl:
         start = time.perf_counter()
         first = True
         pending = self.pending
+        bar = ProgressBar(self.err, "prefill")
 
         def on_text(piece: str) -> None:
             nonlocal first
             if first:
                 first = False
+                bar.close()
                 if pending is not None:
                     pending.ttft_ms = (time.perf_counter() - start) * 1e3
                     self.out.write(pending.summary() + "\n")
@@ -1188,7 +1210,10 @@ class ChatRepl:
             self.out.flush()
 
         with interrupt_flag() as stop:
-            reply = self.agent.ask(text, on_text=on_text, should_stop=stop.is_set)
+            try:
+                reply = self.agent.ask(text, on_text=on_text, should_stop=stop.is_set, progress=bar)
+            finally:
+                bar.close()
         if first:
             if pending is not None:
                 pending.ttft_ms = reply.ttft_ms
@@ -1342,9 +1367,7 @@ def run_single(
         if current.n_tokens == 0:
             raise ValueError(f"{current.name} has no context to hand off to {handoff_to}; pass --prompt-file")
         target = pool.get(handoff_to)
-        config = current.config if isinstance(current, LocalAgent) else None
-        budget = config.budget if config else 4.0
-        controller = config.controller if config else "sink-recent"
+        budget, controller = handoff_settings(current)
         result = hand_off(current, target, budget=budget, controller=controller)
         current = target
 

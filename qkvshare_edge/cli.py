@@ -24,7 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-card_app = typer.Typer(help="Inspect CacheCard files.", no_args_is_help=True)
+card_app = typer.Typer(help="Inspect, export and import CacheCard files.", no_args_is_help=True)
 app.add_typer(card_app, name="card")
 
 

@@ -52,6 +52,7 @@ class Llama(llama_cpp.Llama):
         self.last_import_timing: HandoffTiming | None = None
         if n_seq_max != 1 or kv_unified is not None:
             self._recreate_context(n_seq_max, kv_unified)
+        self._scope_cache_removal_to_seq_0()
 
     @classmethod
     def from_model(cls, name_or_path: str, **kwargs: Any) -> Llama:
@@ -74,6 +75,17 @@ class Llama(llama_cpp.Llama):
         )
         old.close()
         self.n_tokens = 0
+
+    def _scope_cache_removal_to_seq_0(self) -> None:
+        # llama_cpp.Llama's eval and generate manage seq_id 0 only, but remove
+        # cells with seq_id -1 (every sequence), which would cut the other
+        # sequences of a multi-sequence context. Here -1 means seq_id 0.
+        remove = self._ctx.kv_cache_seq_rm
+
+        def remove_from_seq_0(seq_id: int, p0: int, p1: int) -> bool:
+            return remove(0 if seq_id == -1 else seq_id, p0, p1)
+
+        self._ctx.kv_cache_seq_rm = remove_from_seq_0  # type: ignore[method-assign]
 
     @property
     def fingerprint(self) -> ModelFingerprint:
@@ -231,6 +243,8 @@ class Llama(llama_cpp.Llama):
             return
         memory = llama_cpp.llama_get_memory(self.ctx)
         n_past = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1
+        if seq_id in self._clean_until:
+            self._clean_until[seq_id] = min(self._clean_until[seq_id], n_past)
         batch = self._batch.batch
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]

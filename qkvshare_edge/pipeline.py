@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .agents import is_url
-from .chat import AgentPool, HandoffResult, LocalAgent, ProgressBar, TextCallback, hand_off
+from .chat import AgentPool, HandoffResult, ProgressBar, TextCallback, hand_off, handoff_settings
 from .errors import QKVShareError
 
 if sys.version_info >= (3, 11):
@@ -71,11 +71,11 @@ class Pipeline:
 
 @dataclass
 class HopResult:
-    """What one hop did: the context it started from, the card it received, and its reply."""
+    """The record of one hop: the context it started from, the card it received, and its reply."""
 
     index: int
     agent: str
-    n_tokens: int  # context tokens when the agent started answering
+    n_tokens: int  # context tokens when the agent started its reply
     reply: str
     reply_tokens: int
     ttft_ms: float
@@ -139,7 +139,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     unknown = sorted(set(document) - {"task", "context_file", "hops"})
     if unknown:
         raise PipelineFileError(
-            f"{file_path}: unknown key {unknown[0]!r}; a pipeline file holds task, context_file and hops"
+            f"{file_path}: unknown key {unknown[0]!r}; a pipeline file contains task, context_file and hops"
         )
     task = document.get("task")
     if not isinstance(task, str) or not task.strip():
@@ -170,7 +170,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
             raise PipelineFileError(f"{where}: must be an agent name or a table with 'agent', got {raw!r}")
         extra = sorted(set(raw) - {"agent", "ask"})
         if extra:
-            raise PipelineFileError(f"{where}: unknown key {extra[0]!r}; a hop holds 'agent' and 'ask'")
+            raise PipelineFileError(f"{where}: unknown key {extra[0]!r}; a hop contains 'agent' and 'ask'")
         agent = raw.get("agent")
         if not isinstance(agent, str) or not agent:
             raise PipelineFileError(f"{where}: key 'agent' must be an agent name or a URL, got {agent!r}")
@@ -193,7 +193,7 @@ def run_pipeline(
     on_text: Callable[[int], TextCallback | None] | None = None,
     progress: ProgressBar | None = None,
 ) -> list[HopResult]:
-    """Run the chain: the first agent reads the context file and answers, each next one continues from a card.
+    """Run the chain: the first agent reads the context file and replies, and each next one continues from a card.
 
     Args:
         on_hop: called after each hop with its result.
@@ -219,9 +219,7 @@ def run_pipeline(
                 if pipeline.context_file is not None:
                     _prefill(agent, pipeline.context_file, progress)
             else:
-                config = previous.config if isinstance(previous, LocalAgent) else None
-                budget = config.budget if config else 4.0
-                controller = config.controller if config else "sink-recent"
+                budget, controller = handoff_settings(previous)
                 handoff = hand_off(previous, agent, budget=budget, controller=controller)
             n_tokens = agent.n_tokens
             reply = agent.ask(hop.ask, on_text=on_text(index) if on_text is not None else None)

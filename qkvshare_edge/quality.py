@@ -94,6 +94,7 @@ ROW_FIELDS = (
     "export_ms",
     "prefill_ms",
     "import_ms",
+    "measure_ms",
     "n_kl_positions",
     "kl_mean",
     "kl_worst",
@@ -648,7 +649,9 @@ class QualityRunner:
 
         assert ref.card is not None
         card = chain.card
+        start = time.perf_counter()
         got = self._measure(card, item, reference)
+        measure_ms = (time.perf_counter() - start) * 1e3
         assert got.kl is not None
         compared = reference.generated[: config.gen_cap]
         agree = qm.leading_agreement(compared, got.generated[: config.gen_cap])
@@ -664,6 +667,7 @@ class QualityRunner:
             file_bits_per_element=8.0 * chain.card_bytes / max(1, card.n_elements),
             export_ms=round(chain.export_ms, 2),
             import_ms=round(got.import_ms, 2),
+            measure_ms=round(measure_ms, 2),
             n_kl_positions=int(got.kl.shape[0]),
             kl_mean=float(got.kl.mean()),
             kl_worst=float(got.kl.max()),
@@ -883,7 +887,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"Sender prefill: {_fmt(qm.mean_or_none([i['prefill_ms'] for i in result['items']]), ',.0f')} ms per context "
         f"on average.",
         "",
-        f"Machine: {env['machine']}, {env['threads']} threads, llama-cpp-python {env['llama_cpp_python']}, "
+        f"Machine: {env['machine']}, threads: {env['threads']}, llama-cpp-python {env['llama_cpp_python']}, "
         f"load average {env['load_average_start']} at the start. Started {result['started']}, "
         f"took {result['wall_s']:.0f} s.",
         "",

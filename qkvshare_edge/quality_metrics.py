@@ -159,6 +159,7 @@ MEAN_FIELDS = (
     "file_bits_per_element",
     "card_bytes",
     "export_ms",
+    "measure_ms",
     "kl_mean",
     "top1",
     "gen_agree_tokens",

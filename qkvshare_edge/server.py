@@ -19,7 +19,7 @@ sequence per session (`n_seq_max = max_sessions + 1`, `kv_unified = False`,
 so each sequence has its own `n_ctx` cells and sessions never share cells).
 Sequence 0 stays unused, because llama-cpp-python's `eval` on sequence 0
 removes cells of every sequence. Sessions decode one step at a time under a
-model lock, so concurrent sessions interleave token by token; a per-session
+model lock, so concurrent sessions interleave token by token. A per-session
 lock rejects a second request on a busy session with 409.
 
 Status codes: 400 invalid request or corrupt card, 404 unknown session or
@@ -51,6 +51,7 @@ from .chat import ChatSession, ContextFullError, Reply, SamplingSettings, TextCa
 from .controllers import CONTROLLERS
 from .errors import (
     CardFormatError,
+    CardSignatureError,
     ContextTooSmallError,
     ImportFailedError,
     ModelMismatchError,
@@ -70,7 +71,7 @@ READ_TIMEOUT_S = 60.0
 
 
 class HTTPError(Exception):
-    """An error answered with an HTTP status and an OpenAI-style error body."""
+    """An error sent back as an HTTP status and an OpenAI-style error body."""
 
     def __init__(self, status: HTTPStatus, message: str, error_type: str = "invalid_request_error") -> None:
         super().__init__(message)
@@ -111,7 +112,7 @@ class ServerSession:
 class AgentService:
     """The agent's model, its sessions, and the operations that the HTTP endpoints call.
 
-    Methods raise `HTTPError` with the status to answer.
+    Methods raise `HTTPError` with the status of the response.
     """
 
     def __init__(
@@ -122,6 +123,8 @@ class AgentService:
         threads: int | None = None,
         max_card_bytes: int = DEFAULT_MAX_CARD_BYTES,
         session_ttl_s: float = DEFAULT_SESSION_TTL_S,
+        card_key: bytes | None = None,
+        require_signed: bool = False,
     ) -> None:
         from .llama import Llama
         from .models import resolve_model
@@ -132,6 +135,11 @@ class AgentService:
         self.max_sessions = max_sessions
         self.max_card_bytes = max_card_bytes
         self.session_ttl_s = session_ttl_s
+        if require_signed and card_key is None:
+            raise ValueError("require_signed needs a shared key: pass --key-file or set QKVEDGE_CARD_KEY")
+        # The shared HMAC key verifies incoming cards and signs exported ones.
+        self.card_key = card_key
+        self.require_signed = require_signed
         self.model_path = resolve_model(config.model)
         kwargs = config.llama_kwargs()
         if threads is not None:
@@ -237,17 +245,35 @@ class AgentService:
 
     @contextlib.contextmanager
     def _using(self, session: ServerSession) -> Iterator[None]:
+        self._lock_session(session)
+        try:
+            yield
+        finally:
+            session.last_used = time.time()
+            session.lock.release()
+
+    def _lock_session(self, session: ServerSession, *, registered: bool = True) -> None:
+        """Take a session's lock without waiting, and check that it is still registered once held.
+
+        Between looking a session up and locking it, a delete or the idle
+        timeout may have removed it and freed its sequence for another session.
+        """
         if not session.lock.acquire(blocking=False):
             raise HTTPError(
                 HTTPStatus.CONFLICT,
                 f"session {session.session_id} is busy with another request; wait for it to finish and retry",
                 "session_busy",
             )
-        try:
-            yield
-        finally:
-            session.last_used = time.time()
-            session.lock.release()
+        if registered:
+            with self._sessions_lock:
+                current = self._sessions.get(session.session_id)
+            if current is not session:
+                session.lock.release()
+                raise HTTPError(
+                    HTTPStatus.NOT_FOUND,
+                    f"session {session.session_id} was removed while this request waited; POST the card again",
+                    "not_found",
+                )
 
     def list_sessions(self) -> list[dict[str, Any]]:
         with self._sessions_lock:
@@ -269,7 +295,12 @@ class AgentService:
         """Create a session from card bytes; return its id and the import's numbers."""
         start = time.perf_counter()
         try:
-            card = CacheCard.from_bytes(data, max_bytes=self.max_card_bytes)
+            card = CacheCard.from_bytes(
+                data, max_bytes=self.max_card_bytes, key=self.card_key, require_signature=self.require_signed
+            )
+        except CardSignatureError as exc:
+            logger.warning("rejected a card: %s", exc)
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"card rejected: {exc}", "invalid_signature") from exc
         except CardFormatError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"invalid card: {exc}", "invalid_card") from exc
         except (QKVShareError, ValueError) as exc:
@@ -329,7 +360,7 @@ class AgentService:
                 card = session.chat.export_card(budget=budget, controller=controller)
             except (QKVShareError, ValueError) as exc:
                 raise HTTPError(HTTPStatus.BAD_REQUEST, f"cannot export session {session_id}: {exc}") from exc
-        data = card.to_bytes()
+        data = card.to_bytes(key=self.card_key)
         logger.info(
             "session %s: exported %d tokens as a %d-byte card (hop %d)",
             session_id,
@@ -414,12 +445,7 @@ class ChatRun:
         return None if self.temporary else self.session.session_id
 
     def begin(self) -> None:
-        if not self.session.lock.acquire(blocking=False):
-            raise HTTPError(
-                HTTPStatus.CONFLICT,
-                f"session {self.session.session_id} is busy with another request; wait for it to finish and retry",
-                "session_busy",
-            )
+        self.service._lock_session(self.session, registered=not self.temporary)
         self._locked = True
         if not self.new_messages:
             raise HTTPError(
@@ -488,7 +514,7 @@ class ChatRun:
 
 
 def _import_error(exc: BaseException, model_name: str) -> BaseException:
-    """Map an import failure to the HTTP error to answer (other exceptions pass through)."""
+    """Map an import failure to the HTTP error of the response (other exceptions pass through)."""
     if isinstance(exc, ModelMismatchError):
         return HTTPError(
             HTTPStatus.UNPROCESSABLE_ENTITY,
@@ -811,7 +837,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._send_json(exc.status, payload)
         except OSError as write_error:
-            logger.warning("could not send the %d answer: %s", exc.status, write_error)
+            logger.warning("could not send the %d response: %s", exc.status, write_error)
 
 
 def _finish_reason(reply: Reply) -> str:
@@ -922,6 +948,9 @@ class AgentClient:
     def delete_session(self, session_id: str) -> None:
         self._json("DELETE", f"/v1/sessions/{urllib.parse.quote(session_id)}")
 
+    def session_info(self, session_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/sessions/{urllib.parse.quote(session_id)}")
+
     def chat(
         self,
         session_id: str | None,
@@ -929,8 +958,13 @@ class AgentClient:
         *,
         max_tokens: int | None = None,
         on_text: TextCallback | None = None,
-    ) -> tuple[Reply, int]:
-        """Send messages and stream the reply; return it and the session's context size in tokens."""
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[Reply, int | None]:
+        """Send messages and stream the reply; return it and the session's context size in tokens.
+
+        When `should_stop` returns True the stream is closed, which stops the
+        server's generation, and the context size is None (unknown).
+        """
         payload: dict[str, Any] = {"messages": messages, "stream": True}
         if session_id is not None:
             payload["session_id"] = session_id
@@ -940,8 +974,12 @@ class AgentClient:
         ttft_ms = 0.0
         parts: list[str] = []
         final: dict[str, Any] = {}
+        stopped = False
         with self._open("POST", "/v1/chat/completions", json.dumps(payload).encode(), "application/json") as response:
             for event in _server_sent_events(response):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
                 if event == "[DONE]":
                     break
                 data = json.loads(event)
@@ -958,6 +996,10 @@ class AgentClient:
                         on_text(text)
                 if choice.get("finish_reason") is not None:
                     final = data
+        if stopped:
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            reply = Reply("".join(parts), len(parts), "interrupted", 0, 0, ttft_ms, elapsed_ms)
+            return reply, None
         if not final:
             raise AgentServerError(f"{self.url}: the reply stream ended without a final chunk")
         usage, timings = final["usage"], final["timings"]

@@ -249,3 +249,15 @@ def test_killed_writer_leaves_whole_card(new_llama, llama_path, text_tokens, tmp
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     # A killed writer can leave its temporary file behind, but never under the final name.
     assert all(name.startswith(".target.qkvc.") for name in leftovers)
+
+
+def test_seq_0_eval_keeps_other_sequences(new_llama, llama_path, text_tokens) -> None:
+    """llama-cpp-python's eval removes cells of every sequence; the wrapper limits that to seq_id 0."""
+    llm = new_llama(llama_path, n_ctx=1024, n_seq_max=4, kv_unified=False)
+    llm.eval_sequence(text_tokens[:80], 1)
+    llm.eval(text_tokens[:5])
+    assert pos_max(llm, 1) == 79
+    llm.reset()
+    llm.eval(text_tokens[:3])
+    assert pos_max(llm, 1) == 79
+    assert pos_max(llm, 0) == 2
