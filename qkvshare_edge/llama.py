@@ -116,7 +116,8 @@ class Llama(llama_cpp.Llama):
         Args:
             budget: average bits per K/V element, counting scales, minimums
                 and width tags; 16 stores every row as f16 (lossless for f16
-                caches). The smallest budget is about 3 bits at group size 32.
+                caches). The smallest budget is 2.28 bits with groups of 128
+                on rows of 256 elements (BudgetError names it otherwise).
             controller: importance controller name ('uniform', 'sink-recent',
                 'key-norm'), or any callable that maps a `LayerView` to per-row
                 key and value scores.

@@ -5,9 +5,9 @@ reads the tokens once and exports one card per (controller, budget) plus a
 lossless budget-16 card. Each card starts a chain of handoffs: hop h
 imports the card of hop h-1 into a fresh sequence, appends a fixed agent
 instruction and a greedy reply, and exports the next card at the same
-budget. The lossless chain generates each reply; the quantized chains
-teacher-force the same reply tokens, so every chain contains the same tokens
-at every hop and only the K/V precision differs.
+budget. The lossless chain generates each reply, and the quantized chains
+teacher-force the same reply tokens. So every chain contains the same
+tokens at every hop, and only the K/V precision differs.
 
 At each requested hop a receiver imports the card and measures, against
 the lossless chain's card of that hop: the KL divergence and top-1
@@ -33,7 +33,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -390,7 +390,6 @@ class ItemResult:
     rows: list[dict[str, Any]]
     prefill_ms: float
     wall_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _clear(llm: Llama) -> None:
