@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .codec import DEFAULT_GROUP_SIZE
 from .models import DEFAULT_MODEL
 
 ModelOption = Annotated[
@@ -189,7 +190,9 @@ def register(app: typer.Typer) -> None:
     def codec_bench(
         mib: Annotated[float, typer.Option(min=0.001, help="f16 size of the benchmark rows in MiB.")] = 32.0,
         row_size: Annotated[int, typer.Option(min=8, help="Elements per row (K/V width of one layer).")] = 256,
-        group_size: Annotated[int, typer.Option(min=8, help="Elements per scale group.")] = 32,
+        group_size: Annotated[
+            int, typer.Option(min=8, help="Elements per scale group (default: the codec's default).")
+        ] = DEFAULT_GROUP_SIZE,
         repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each measurement.")] = 7,
         threads: ThreadsOption = 0,
         out: OutOption = Path("bench-results"),

@@ -3,10 +3,10 @@
 Throughput is counted in GB/s (1e9 bytes) of f16 K/V: the f16 size of the
 rows, which is the encoder's input and the decoder's output in a handoff
 (the codec itself takes and returns float32). Each width is measured with one
-thread and with all threads, and so is the reference: `np.copyto` of the f16
-rows into a preallocated array (split over a thread pool for all threads;
-numpy releases the GIL while it copies). Every run is timed in the same
-process, interleaved, and the medians are compared.
+thread and with all threads, and so is the reference, `np.copyto` of the f16
+rows into a preallocated array. For all threads the copy is split over a
+thread pool, because numpy releases the GIL while it copies. Every run is
+timed in the same process, interleaved, and the medians are compared.
 
 The decoder returns a new array per call, so its time includes first-touch
 page faults of that output; `np.copy` into a new array is reported as a
@@ -275,6 +275,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "| decode / memcpy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
     for name, w in result["workloads"].items():
         for t in threads:
             r = w["threads"][t]
@@ -282,6 +283,7 @@ def markdown_report(result: dict[str, Any]) -> str:
                 f"| {name} | {w['bits_per_element']:.2f} | {t} | {r['encode_gbps']:.2f} | {r['decode_gbps']:.2f} "
                 f"| {r['memcpy_gbps']:.2f} | {r['encode_over_memcpy']:.2f} | {r['decode_over_memcpy']:.2f} |"
             )
+
     fresh = result["copy_new_array"]
     lines += [
         "",
@@ -294,6 +296,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- {name}: {'ok' if ok else 'FAILED'}" for name, ok in result["checks"].items()]
+
     lines += ["", "## Targets", "", "| target | workload | value | limit | result |", "|---|---|---:|---:|---|"]
     for t in result["targets"]:
         lines.append(

@@ -183,7 +183,7 @@ def parse_contexts(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def parse_floats(text: str, what: str) -> list[float]:
+def parse_floats(text: str, label: str) -> list[float]:
     """Parse '1,10,100' into [1.0, 10.0, 100.0] (each positive)."""
     values = []
     for item in text.split(","):
@@ -191,12 +191,12 @@ def parse_floats(text: str, what: str) -> list[float]:
             try:
                 value = float(item)
             except ValueError:
-                raise ValueError(f"{what} {item.strip()!r} is not a number") from None
+                raise ValueError(f"{label} {item.strip()!r} is not a number") from None
             if not value > 0 or not math.isfinite(value):
-                raise ValueError(f"{what} must be positive, got {item.strip()}")
+                raise ValueError(f"{label} must be positive, got {item.strip()}")
             values.append(value)
     if not values:
-        raise ValueError(f"give at least one {what}")
+        raise ValueError(f"give at least one {label}")
     return values
 
 
@@ -450,7 +450,7 @@ def _sender_phase(
         exports: dict[str, dict[str, Any]] = {}
         budgets_used: dict[str, float] = {}
         # An untimed lossless export warms the export path up and gives the smallest budget
-        # the allocator accepts (about 3.03 bits for rows of 256 at group size 32).
+        # the allocator accepts (every row at 2 bits with its group scales and width tag).
         probe_card = sender.export_card(budget=16.0, n_threads=config.threads)
         min_budget = minimum_budget(probe_card, probe_card.group_size)
         del probe_card
@@ -510,7 +510,7 @@ def _sender_phase(
 
 
 def _follow_up_tokens(llm: Llama, n: int) -> list[int]:
-    """The receiver's follow-up prompt: the demo question, cut or repeated to exactly `n` tokens."""
+    """Return the receiver's follow-up prompt: the demo question, cut or repeated to exactly `n` tokens."""
     base = llm.tokenize(DEMO_QUESTION.encode("utf-8"), add_bos=False)
     tokens = list(base)
     while len(tokens) < n:
@@ -1066,13 +1066,16 @@ def write_plots(result: dict[str, Any], out_dir: Path, prefix: str = "ttft") -> 
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / f"{prefix}-latency.png"))
 
-    largest = contexts[-1]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    # Stages at the export-target context (8K) when it was measured, and at the largest context.
+    plotted = [c for c in contexts if c["n_tokens"] == TARGET_EXPORT_CONTEXT and c is not contexts[-1]]
+    plotted.append(contexts[-1])
+    fig, axes = plt.subplots(len(plotted), 2, figsize=(13, 4.2 * len(plotted)), squeeze=False)
     fast = [n for n in names if n != REPREFILL]
-    _stacked(ax1, fast, [largest["paths"][n]["stages_ms_median"] for n in fast])
-    ax1.set_title(f"Receiver stages at {largest['n_tokens']} tokens (median ms)", fontsize=10)
-    _stacked(ax2, fast, [largest["paths"][n]["export"]["stages_ms_median"] for n in fast])
-    ax2.set_title(f"Sender export stages at {largest['n_tokens']} tokens (median ms)", fontsize=10)
+    for (ax1, ax2), ctx in zip(axes, plotted, strict=True):
+        _stacked(ax1, fast, [ctx["paths"][n]["stages_ms_median"] for n in fast])
+        ax1.set_title(f"Receiver stages at {ctx['n_tokens']} tokens (median ms)", fontsize=10)
+        _stacked(ax2, fast, [ctx["paths"][n]["export"]["stages_ms_median"] for n in fast])
+        ax2.set_title(f"Sender export stages at {ctx['n_tokens']} tokens (median ms)", fontsize=10)
     fig.suptitle(caption, fontsize=9)
     written.append(_save(fig, out_dir / f"{prefix}-stages.png"))
 
@@ -1123,7 +1126,7 @@ def _stacked(ax: Any, labels: list[str], stages: list[dict[str, float]]) -> None
         left += values
     ax.invert_yaxis()
     ax.set_xlabel("ms")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _save(fig: Any, path: Path) -> Path:
