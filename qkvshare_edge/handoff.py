@@ -161,6 +161,10 @@ def export_card(
     # Cells come in cache order; the card keeps each section in position order.
     ordered = []
     for s in sections:
+        if np.all(np.diff(s.pos) > 0):
+            # Already in position order (the usual case): no copy of the K/V.
+            ordered.append((s.pos, [(layer.k, layer.v) for layer in s.layers]))
+            continue
         order = np.argsort(s.pos, kind="stable")
         pos = s.pos[order]
         if np.any(np.diff(pos) == 0):
