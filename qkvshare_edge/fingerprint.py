@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .gguf_reader import SCALAR_FORMATS
+
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = 0x46554747  # "GGUF" little-endian
@@ -27,20 +29,6 @@ GGUF_DEFAULT_ALIGNMENT = 32
 # Bytes hashed from the start, middle and end of each weight tensor.
 WEIGHT_SAMPLE_BYTES = 4096
 
-# GGUF value types (gguf spec): fixed sizes and struct formats of the scalars.
-_SCALAR_FORMATS: dict[int, str] = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
 _GGUF_STRING = 8
 _GGUF_ARRAY = 9
 
@@ -135,15 +123,15 @@ class _HeaderScanner:
 
     def value(self, value_type: int) -> Any:
         """Read one value; arrays of strings are returned as a count, not decoded."""
-        if value_type in _SCALAR_FORMATS:
-            return self.unpack(_SCALAR_FORMATS[value_type])
+        if value_type in SCALAR_FORMATS:
+            return self.unpack(SCALAR_FORMATS[value_type])
         if value_type == _GGUF_STRING:
             return self.string().decode("utf-8", errors="replace")
         if value_type == _GGUF_ARRAY:
             item_type = self.unpack("<I")
             count = self.unpack("<Q")
-            if item_type in _SCALAR_FORMATS:
-                fmt = _SCALAR_FORMATS[item_type]
+            if item_type in SCALAR_FORMATS:
+                fmt = SCALAR_FORMATS[item_type]
                 size = struct.calcsize(fmt)
                 raw = self.take(count * size)
                 if count <= 4096:

@@ -31,7 +31,7 @@ MAX_KEY_BYTES = 1 << 16
 MAX_DIMS = 4
 
 # GGUF metadata value types (GGUF spec) with their struct formats.
-_SCALARS: dict[int, str] = {
+SCALAR_FORMATS: dict[int, str] = {
     0: "<B",
     1: "<b",
     2: "<H",
@@ -123,15 +123,15 @@ class _Cursor:
             raise GGUFFormatError(f"{what} at offset {self.offset - n} is not valid UTF-8") from exc
 
     def value(self, value_type: int, key: str) -> Any:
-        if value_type in _SCALARS:
-            return self.unpack(_SCALARS[value_type], key)
+        if value_type in SCALAR_FORMATS:
+            return self.unpack(SCALAR_FORMATS[value_type], key)
         if value_type == _STRING:
             return self.string(f"value of {key}")
         if value_type == _ARRAY:
             item_type = self.unpack("<I", f"array type of {key}")
             count = self.unpack("<Q", f"array length of {key}")
-            if item_type in _SCALARS:
-                fmt = _SCALARS[item_type]
+            if item_type in SCALAR_FORMATS:
+                fmt = SCALAR_FORMATS[item_type]
                 size = struct.calcsize(fmt)
                 raw = self.take(count * size, f"array {key}")
                 return [v[0] for v in struct.iter_unpack(fmt, raw)]
