@@ -619,7 +619,9 @@ def _probe(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _run_probe(spec: dict[str, Any]) -> int | None:
     command = [sys.executable, "-m", "qkvshare_edge.bench_ttft", json.dumps(spec)]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    # A neutral working directory: `-m` puts it first on sys.path, and a source
+    # checkout there (without its compiled extension) would shadow the installed package.
+    proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         logger.warning("memory probe %s failed (exit %d): %s", spec["op"], proc.returncode, proc.stderr.strip()[-400:])
         return None
@@ -630,12 +632,12 @@ def _memory_phase(
     config: TtftConfig, n_tokens: int, files: _ContextFiles, kv_f16_bytes: int, work: Path, step: ProgressCallback
 ) -> dict[str, Any]:
     base = {
-        "model_path": config.model_path,
+        "model_path": str(Path(config.model_path).resolve()),
         "n_ctx": config.n_ctx(n_tokens),
         "threads": config.threads,
         "flash_attn": config.flash_attn,
-        "state_path": str(files.state),
-        "card_path": str(files.cards[CARD_DEFAULT]),
+        "state_path": str(files.state.resolve()),
+        "card_path": str(files.cards[CARD_DEFAULT].resolve()),
         "budget": DEFAULT_BUDGET_BITS,
         "controller": DEFAULT_CONTROLLER,
     }
@@ -647,7 +649,7 @@ def _memory_phase(
         "load": "state_load",
     }
     for op, name in names.items():
-        value = _run_probe({**base, "op": op, "out_path": str(work / f"probe-{n_tokens}-{op}.out")})
+        value = _run_probe({**base, "op": op, "out_path": str((work / f"probe-{n_tokens}-{op}.out").resolve())})
         out[f"{name}_extra_bytes"] = value
         out[f"{name}_over_kv"] = None if value is None else value / kv_f16_bytes
         step(f"{n_tokens} tokens: memory {name}")

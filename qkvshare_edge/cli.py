@@ -101,7 +101,7 @@ def demo(
 
     _setup_logging(verbose)
     try:
-        model_path = str(resolve_model(model))
+        model_path = str(resolve_model(model).resolve())
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         _fail(str(exc))
     n_ctx = tokens + 256
@@ -132,7 +132,9 @@ def demo(
         ]
         if threads is not None:
             command += ["--threads", str(threads)]
-        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        # The temporary folder as working directory: `-m` puts it first on sys.path,
+        # and a source checkout there (no compiled extension) would shadow the installed package.
+        proc = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp)
         if proc.returncode != 0:
             _fail(f"the receiver process failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
         got = json.loads(proc.stdout.strip().splitlines()[-1])

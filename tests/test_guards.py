@@ -237,7 +237,7 @@ def test_killed_writer_leaves_whole_card(new_llama, llama_path, text_tokens, tmp
     target = tmp_path / "target.qkvc"
     for delay in (0.05, 0.13, 0.31):
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(source), str(target)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", WRITER, str(source), str(target)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"

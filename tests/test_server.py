@@ -471,6 +471,7 @@ def test_handoff_between_processes(agents_path: Path, folder: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(),
+        cwd=folder,
     )
     try:
         assert serve.stdout is not None
@@ -489,6 +490,7 @@ def test_handoff_between_processes(agents_path: Path, folder: Path) -> None:
             capture_output=True,
             text=True,
             env=cli_env(),
+            cwd=folder,
             timeout=120,
         )
         assert chat_run.returncode == 0, chat_run.stderr
