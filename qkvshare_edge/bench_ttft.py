@@ -621,7 +621,13 @@ def _run_probe(spec: dict[str, Any]) -> int | None:
     command = [sys.executable, "-m", "qkvshare_edge.bench_ttft", json.dumps(spec)]
     # A neutral working directory: `-m` puts it first on sys.path, and a source
     # checkout there (without its compiled extension) would shadow the installed package.
-    proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600, cwd=tempfile.gettempdir())
+    # The child must import this same package, also when it runs from a checkout on PYTHONPATH.
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        command, capture_output=True, text=True, check=False, timeout=600, cwd=tempfile.gettempdir(), env=env
+    )
     if proc.returncode != 0:
         logger.warning("memory probe %s failed (exit %d): %s", spec["op"], proc.returncode, proc.stderr.strip()[-400:])
         return None

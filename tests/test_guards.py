@@ -13,6 +13,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+import qkvshare_edge
 from qkvshare_edge import (
     CacheCard,
     CardSignatureError,
@@ -220,6 +221,15 @@ def test_oversized_card_rejected(new_llama, llama_path, text_tokens, tmp_path: P
 
 # -- atomic write under a killed process ----------------------------------------------
 
+
+def child_env() -> dict[str, str]:
+    """Environment for a child process that imports the same qkvshare_edge as this test run."""
+    env = dict(os.environ)
+    root = str(Path(qkvshare_edge.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 WRITER = """
 import sys, numpy as np
 from qkvshare_edge import CacheCard
@@ -237,7 +247,11 @@ def test_killed_writer_leaves_whole_card(new_llama, llama_path, text_tokens, tmp
     target = tmp_path / "target.qkvc"
     for delay in (0.05, 0.13, 0.31):
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(source), str(target)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+            [sys.executable, "-c", WRITER, str(source), str(target)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=child_env(),
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
