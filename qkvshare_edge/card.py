@@ -75,7 +75,7 @@ class CardSection:
 
 @dataclass
 class Provenance:
-    """How a card was made."""
+    """Provenance of a card: budget, controller, hop, parent card and producer."""
 
     budget_bits: float
     controller: str
@@ -524,7 +524,7 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
         rope_freq_scale=fields.get(_KEY + "context.rope_freq_scale", float),
     )
     if card.n_tokens != n_tokens:
-        raise CardFormatError(f"{source}: token_ids holds {card.n_tokens} tokens, header says {n_tokens}")
+        raise CardFormatError(f"{source}: token_ids contains {card.n_tokens} tokens, but the header says {n_tokens}")
     _validate(card, source)
     # The digest covers every stored cachecard.* key, as the writer stored it.
     stored = {k: v for k, v in reader.metadata.items() if k.startswith(_KEY) and k not in _UNHASHED_KEYS}
@@ -578,7 +578,7 @@ def _validate(card: CacheCard, source: str) -> None:
     if card.positions.shape != (n,):
         raise CardFormatError(f"{source}: {card.positions.shape[0]} positions for {n} tokens")
     if n == 0:
-        raise CardFormatError(f"{source}: the card holds no tokens")
+        raise CardFormatError(f"{source}: the card contains no tokens")
     if np.any(card.token_ids < 0):
         raise CardFormatError(f"{source}: negative token id {int(card.token_ids.min())}")
     if np.any(card.positions < 0) or np.any(np.diff(card.positions) <= 0):
@@ -595,11 +595,11 @@ def _validate(card: CacheCard, source: str) -> None:
         if not 1 <= len(section.layers) <= MAX_LAYERS:
             raise CardFormatError(f"{source}: section {s} has {len(section.layers)} layers, expected 1 to {MAX_LAYERS}")
         if pos.ndim != 1 or pos.shape[0] == 0:
-            raise CardFormatError(f"{source}: section {s} holds no cells")
+            raise CardFormatError(f"{source}: section {s} contains no cells")
         if np.any(np.diff(pos) <= 0):
             raise CardFormatError(f"{source}: section {s} positions must be strictly ascending")
         if not np.all(np.isin(pos, card.positions)):
-            raise CardFormatError(f"{source}: section {s} holds a position that has no token")
+            raise CardFormatError(f"{source}: section {s} contains a position that has no token")
         for j, layer in enumerate(section.layers):
             for part, n_embd, bits, codes in (
                 ("K", layer.n_embd_k, layer.k_bits, layer.k_codes),

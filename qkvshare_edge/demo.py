@@ -43,7 +43,7 @@ def build_context_tokens(llm: Llama, n_tokens: int) -> list[int]:
 
 @dataclass
 class SenderResult:
-    """What the sender did: context size, card and llama.cpp state sizes, export time."""
+    """Sender results: context size, card and llama.cpp state sizes, prefill and export times."""
 
     n_tokens: int
     prefill_ms: float
@@ -82,7 +82,7 @@ def run_sender(
 
 @dataclass
 class ReceiverResult:
-    """What the receiver measured: time to first token by path, and the generated tokens."""
+    """Receiver results: time to first token by path, and the generated tokens."""
 
     card_ttft_ms: float
     import_ms: float

@@ -30,7 +30,7 @@ class ContextTooSmallError(QKVShareError, ValueError):
 
 
 class SequenceNotEmptyError(QKVShareError, ValueError):
-    """The target sequence already holds tokens and replacing them was not requested."""
+    """The target sequence already contains tokens and replacing them was not requested."""
 
 
 class BudgetError(QKVShareError, ValueError):

@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET_BITS = 4.0
 # Keys are more sensitive to quantization than values. On Gemma 3 270M
 # (1024-token context, rotated rows, groups of 128), 3-bit keys with 3-bit
-# values gave a mean KL of 0.54, and 4-bit keys with 2-bit values 0.017, so
-# key rows get twice the importance of value rows of the same token.
+# values gave a mean KL of 0.54, and 4-bit keys with 2-bit values 0.017.
+# So key rows get twice the importance of value rows of the same token.
 DEFAULT_K_WEIGHT = 2.0
 
 
@@ -415,17 +415,20 @@ def import_card(
     # Nothing is written before every check has passed, so a failed check
     # leaves the receiver untouched.
     previous: bytes | None = None
-    if _seq_pos_max(llm, seq_id) >= 0:
+    last_pos = _seq_pos_max(llm, seq_id)
+    if last_pos >= 0:
         if not replace:
             raise SequenceNotEmptyError(
-                f"seq_id {seq_id} already contains tokens (up to position {_seq_pos_max(llm, seq_id)}); "
+                f"seq_id {seq_id} already contains tokens (up to position {last_pos}); "
                 "pass replace=True to overwrite them or import into an empty sequence"
             )
         previous = state.read_seq_state(llm.ctx, seq_id)
 
     # The receiver's own (empty or current) state shows how many caches and
-    # streams it has, and the card must have one section per cache.
-    template = state.parse_seq_state(state.read_seq_state(llm.ctx, seq_id), layout, n_threads)
+    # streams it has, and the card must have one section per cache. The
+    # snapshot taken for a rollback serves for this too, so it is read once.
+    current = previous if previous is not None else state.read_seq_state(llm.ctx, seq_id)
+    template = state.parse_seq_state(current, layout, n_threads)
     if len(template) != len(card.sections):
         raise ModelMismatchError(
             f"card has {len(card.sections)} KV cache sections, the receiver has {len(template)}; "

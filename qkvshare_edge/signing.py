@@ -45,7 +45,9 @@ def load_key(path: str | os.PathLike[str] | None = None, env: str = KEY_ENV) -> 
         key = text.encode("utf-8")
         source = f"environment variable {env}"
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"{source} holds a {len(key)}-byte key; use at least {MIN_KEY_BYTES} random bytes")
+        raise ValueError(
+            f"{source} contains a {len(key)}-byte key, which is too short; use at least {MIN_KEY_BYTES} random bytes"
+        )
     return key
 
 

@@ -613,7 +613,11 @@ FORMAT_CASES: list[tuple[str, list[Edit], str]] = [
     ("n_section zero", [set_key("n_section", 0)], r"n_section = 0 is out of range \[1, 8\]"),
     ("n_section nine", [set_key("n_section", 9)], r"n_section = 9 is out of range \[1, 8\]"),
     ("n_tokens zero", [set_key("n_tokens", 0, ValueType.UINT64)], r"n_tokens = 0 is out of range \[1, 16777216\]"),
-    ("n_tokens mismatch", [set_key("n_tokens", 5, ValueType.UINT64)], "token_ids holds 6 tokens, header says 5"),
+    (
+        "n_tokens mismatch",
+        [set_key("n_tokens", 5, ValueType.UINT64)],
+        "token_ids contains 6 tokens, but the header says 5",
+    ),
     ("group_size small", [set_key("group_size", 4)], r"group_size = 4 is out of range \[8, 4096\]"),
     ("group_size odd", [set_key("group_size", 12)], "group_size 12 must be a multiple of 8"),
     (
@@ -677,7 +681,7 @@ FORMAT_CASES: list[tuple[str, list[Edit], str]] = [
     (
         "section position without token",
         [set_tensor("sec.1.positions", [3, 4, 9], np.int32)],
-        "section 1 holds a position that has no token",
+        "section 1 contains a position that has no token",
     ),
     ("widths count", [set_tensor(FIRST_K_BITS, [16, 8, 4, 3, 2])], "section 0, layer 0, K: 5 widths for 6 cells"),
     (
