@@ -43,11 +43,20 @@ class RowGroup:
     # (n_rows,) uint8 widest width each row may take, or None for no limit. A row
     # that already lost precision in an earlier card gains nothing above its old width.
     max_bits: np.ndarray | None = None
+    # {width: bytes of one row, width tag excluded}, or None for the row layout
+    # of the codec at the allocator's group size.
+    sizes: dict[int, int] | None = None
+    # Bytes the group stores whatever the widths, such as the block headers of
+    # the channel layout (charged in full even when a block ends up lossless).
+    fixed_bytes: int = 0
+
+    def row_bytes(self, bits: int, group_size: int) -> int:
+        return self.sizes[bits] if self.sizes is not None else row_bytes(bits, self.n, group_size)
 
 
-def _hull_widths(n: int, group_size: int, widths: tuple[int, ...]) -> list[int]:
+def _hull_widths(group: RowGroup, group_size: int, widths: tuple[int, ...]) -> list[int]:
     """Widths on the lower convex hull of (row bytes, distortion), cheapest first."""
-    points = sorted((row_bytes(w, n, group_size), distortion(w), w) for w in widths)
+    points = sorted((group.row_bytes(w, group_size), distortion(w), w) for w in widths)
     hull: list[tuple[int, float, int]] = []
     for point in points:
         if hull and point[0] == hull[-1][0]:
@@ -68,10 +77,11 @@ def _hull_widths(n: int, group_size: int, widths: tuple[int, ...]) -> list[int]:
 
 
 def payload_bytes(groups: list[RowGroup], bits: list[np.ndarray], group_size: int) -> int:
-    """Return the payload bytes of rows stored at the given widths, width tags included."""
+    """Return the payload bytes of rows stored at the given widths, width tags and fixed bytes included."""
     total = 0
     for group, widths in zip(groups, bits, strict=True):
-        table = {w: row_bytes(w, group.n, group_size) + ROW_TAG_BYTES for w in WIDTHS}
+        total += group.fixed_bytes
+        table = {w: group.row_bytes(w, group_size) + ROW_TAG_BYTES for w in WIDTHS}
         values, counts = np.unique(widths, return_counts=True)
         total += sum(table[int(v)] * int(c) for v, c in zip(values, counts, strict=True))
     return total
@@ -107,9 +117,9 @@ def allocate(
     n_elements = sum(g.n * g.scores.shape[0] for g in groups)
     budget_bytes = int(budget_bits * n_elements / 8)
 
-    hulls = [_hull_widths(g.n, group_size, tuple(sorted(widths))) for g in groups]
+    hulls = [_hull_widths(g, group_size, tuple(sorted(widths))) for g in groups]
     base = sum(
-        (row_bytes(h[0], g.n, group_size) + ROW_TAG_BYTES) * g.scores.shape[0]
+        (g.row_bytes(h[0], group_size) + ROW_TAG_BYTES) * g.scores.shape[0] + g.fixed_bytes
         for g, h in zip(groups, hulls, strict=True)
     )
     if base > budget_bytes:
@@ -126,7 +136,7 @@ def allocate(
         n_rows = group.scores.shape[0]
         row_ids = np.arange(row_offset, row_offset + n_rows)
         for k in range(len(hull) - 1):
-            cost = row_bytes(hull[k + 1], group.n, group_size) - row_bytes(hull[k], group.n, group_size)
+            cost = group.row_bytes(hull[k + 1], group_size) - group.row_bytes(hull[k], group_size)
             gain = distortion(hull[k]) - distortion(hull[k + 1])
             allowed = slice(None) if group.max_bits is None else group.max_bits >= hull[k + 1]
             values.append((group.scores * (gain / cost))[allowed])

@@ -28,7 +28,13 @@ from .gguf_reader import TENSOR_TYPE_NAMES, GGUFFormatError, read_gguf
 
 logger = logging.getLogger(__name__)
 
-CARD_FORMAT_VERSION = 1
+# Version 2 adds the channel layout of keys (`cachecard.k_layout`). A card
+# whose keys use the row layout is written as version 1, which older readers
+# accept; a channel-layout card is version 2, which they refuse by version.
+CARD_FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+K_LAYOUTS = ("row", "channel")
+MAX_K_BLOCK = 1 << 16
 CARD_ARCHITECTURE = "cachecard"
 CARD_SUFFIX = ".qkvc"
 
@@ -99,7 +105,11 @@ class CacheCard:
     group_size: int
     provenance: Provenance
     # Walsh-Hadamard chunk applied to rows below 16 bits before quantization (0: none).
+    # In the channel layout it applies to V rows only.
     rotation_chunk: int = 0
+    # "row": K rows like V rows; "channel": K per channel within blocks of k_block positions.
+    k_layout: str = "row"
+    k_block: int = 0
     # Context settings that change K (RoPE) and must match on import; 0 means the model's default.
     rope_freq_base: float = 0.0
     rope_freq_scale: float = 0.0
@@ -111,6 +121,11 @@ class CacheCard:
     @property
     def n_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    @property
+    def format_version(self) -> int:
+        """The format version the card is written with: 1 for row-layout keys, 2 for channel-layout keys."""
+        return 1 if self.k_layout == "row" else 2
 
     @property
     def payload_bytes(self) -> int:
@@ -145,7 +160,11 @@ class CacheCard:
     def decode_layer(self, section: int, layer: int, n_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Decode one layer to float32 K (n_cells, n_embd_k) and V (n_cells, n_embd_v)."""
         item = self.sections[section].layers[layer]
-        k = codec.decode(item.k_codes, item.k_bits, item.n_embd_k, self.group_size, n_threads, self.rotation_chunk)
+        if self.k_layout == "channel":
+            positions = self.sections[section].positions
+            k = codec.decode_channel(item.k_codes, item.k_bits, positions, item.n_embd_k, self.k_block, n_threads)
+        else:
+            k = codec.decode(item.k_codes, item.k_bits, item.n_embd_k, self.group_size, n_threads, self.rotation_chunk)
         v = codec.decode(item.v_codes, item.v_bits, item.n_embd_v, self.group_size, n_threads, self.rotation_chunk)
         return k, v
 
@@ -276,7 +295,7 @@ def _tensor_arrays(card: CacheCard) -> dict[str, np.ndarray]:
 def _header_values(card: CacheCard) -> dict[str, Any]:
     """The card's metadata keys in writing order, checksums excluded."""
     values: dict[str, Any] = {
-        _KEY + "format_version": CARD_FORMAT_VERSION,
+        _KEY + "format_version": card.format_version,
         _KEY + "producer": card.provenance.producer,
         _KEY + "model.architecture": card.model.architecture,
         _KEY + "model.fingerprint": card.model.to_json(),
@@ -286,8 +305,11 @@ def _header_values(card: CacheCard) -> dict[str, Any]:
         _KEY + "n_tokens": card.n_tokens,
         _KEY + "group_size": int(card.group_size),
         _KEY + "rotation_chunk": int(card.rotation_chunk),
-        _KEY + "n_section": len(card.sections),
     }
+    if card.format_version >= 2:
+        values[_KEY + "k_layout"] = card.k_layout
+        values[_KEY + "k_block"] = int(card.k_block)
+    values[_KEY + "n_section"] = len(card.sections)
     for s, section in enumerate(card.sections):
         values[_KEY + f"section.{s}.n_layer"] = len(section.layers)
         values[_KEY + f"section.{s}.n_embd_k"] = [int(layer.n_embd_k) for layer in section.layers]
@@ -407,7 +429,7 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
             "pass a card written by export_card or `qkvedge card export`"
         )
     version = fields.get(_KEY + "format_version", int)
-    if version != CARD_FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         hint = (
             "upgrade qkvshare_edge to read it"
             if version > CARD_FORMAT_VERSION
@@ -415,8 +437,14 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
         )
         raise CardFormatError(
             f"{source}: card format version {version} is not supported "
-            f"(this qkvshare_edge reads version {CARD_FORMAT_VERSION}); {hint}"
+            f"(this qkvshare_edge reads versions {', '.join(map(str, READ_VERSIONS))}); {hint}"
         )
+    k_layout, k_block = "row", 0
+    if version >= 2:
+        k_layout = fields.get(_KEY + "k_layout", str)
+        if k_layout not in K_LAYOUTS:
+            raise CardFormatError(f"{source}: unknown k_layout {k_layout!r}; expected one of {K_LAYOUTS}")
+        k_block = _bounded(source, "k_block", fields.get(_KEY + "k_block", int), 1, MAX_K_BLOCK)
 
     n_tokens = _bounded(source, "n_tokens", fields.get(_KEY + "n_tokens", int), 1, MAX_TOKENS)
     group_size = _bounded(source, "group_size", fields.get(_KEY + "group_size", int), MIN_GROUP_SIZE, MAX_GROUP_SIZE)
@@ -513,6 +541,8 @@ def _read_gguf(data: bytes, source: str, key: bytes | None = None, require_signa
         sections=sections,
         group_size=group_size,
         rotation_chunk=rotation_chunk,
+        k_layout=k_layout,
+        k_block=k_block,
         provenance=Provenance(
             budget_bits=fields.get(_KEY + "budget_bits", float),
             controller=fields.get(_KEY + "controller", str),
@@ -588,6 +618,11 @@ def _validate(card: CacheCard, source: str) -> None:
     chunk = card.rotation_chunk
     if chunk < 0 or chunk == 1 or chunk > codec.MAX_ROTATION_CHUNK or chunk & (chunk - 1):
         raise CardFormatError(f"{source}: rotation_chunk {chunk} must be 0 or a power of two in [2, 256]")
+    channel = card.k_layout == "channel"
+    if card.k_layout not in K_LAYOUTS:
+        raise CardFormatError(f"{source}: unknown k_layout {card.k_layout!r}; expected one of {K_LAYOUTS}")
+    if channel and not 1 <= card.k_block <= MAX_K_BLOCK:
+        raise CardFormatError(f"{source}: k_block {card.k_block} must be in [1, {MAX_K_BLOCK}]")
     if not 1 <= len(card.sections) <= MAX_SECTIONS:
         raise CardFormatError(f"{source}: {len(card.sections)} sections, expected 1 to {MAX_SECTIONS}")
     for s, section in enumerate(card.sections):
@@ -618,8 +653,13 @@ def _validate(card: CacheCard, source: str) -> None:
                 invalid = np.setdiff1d(np.unique(bits), np.asarray(codec.WIDTHS))
                 if invalid.size:
                     raise CardFormatError(f"{where}: invalid width {int(invalid[0])}; widths are {codec.WIDTHS}")
-                expected = sum(
-                    table[int(w)] * int(c) for w, c in zip(*np.unique(bits, return_counts=True), strict=True)
-                )
+                if channel and part == "K":
+                    if n_embd % 8 != 0:
+                        raise CardFormatError(f"{where}: row of {n_embd} elements is not a multiple of 8")
+                    expected = codec.channel_bytes(bits, pos, n_embd, card.k_block)
+                else:
+                    expected = sum(
+                        table[int(w)] * int(c) for w, c in zip(*np.unique(bits, return_counts=True), strict=True)
+                    )
                 if codes.nbytes != expected:
                     raise CardFormatError(f"{where}: {codes.nbytes} code bytes, the widths need {expected}")

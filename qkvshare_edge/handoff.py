@@ -20,8 +20,8 @@ import llama_cpp
 import numpy as np
 
 from . import codec, state
-from .allocation import RowGroup, allocate
-from .card import CacheCard, CardLayer, CardSection, Provenance
+from .allocation import MAX_BUDGET_BITS, RowGroup, allocate
+from .card import MAX_K_BLOCK, CacheCard, CardLayer, CardSection, Provenance
 from .controllers import DEFAULT_CONTROLLER, Controller, LayerView, get_controller
 from .errors import (
     ContextTooSmallError,
@@ -43,6 +43,10 @@ DEFAULT_BUDGET_BITS = 4.0
 # values gave a mean KL of 0.54, and 4-bit keys with 2-bit values 0.017.
 # So key rows get twice the importance of value rows of the same token.
 DEFAULT_K_WEIGHT = 2.0
+# Keys are stored per channel within blocks of this many positions (the
+# channel layout of the codec) unless the card is lossless.
+DEFAULT_K_LAYOUT = "channel"
+DEFAULT_K_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,8 @@ def export_card(
     tokens: list[int] | np.ndarray | None = None,
     group_size: int | None = None,
     k_weight: float = DEFAULT_K_WEIGHT,
+    k_layout: str = DEFAULT_K_LAYOUT,
+    k_block: int = DEFAULT_K_BLOCK,
     hop: int | None = None,
     parent_sha256: str | None = None,
     previous: CacheCard | None = None,
@@ -130,6 +136,10 @@ def export_card(
     watch = _Stopwatch()
     if not (np.isfinite(k_weight) and k_weight > 0):
         raise ValueError(f"k_weight must be a positive finite number, got {k_weight!r}")
+    if k_layout not in ("row", "channel"):
+        raise ValueError(f"k_layout must be 'row' or 'channel', got {k_layout!r}")
+    if not 1 <= k_block <= MAX_K_BLOCK:
+        raise ValueError(f"k_block must be in [1, {MAX_K_BLOCK}] positions, got {k_block!r}")
     if hop is None:
         hop = previous.provenance.hop + 1 if previous is not None else 1
     if parent_sha256 is None:
@@ -180,19 +190,29 @@ def export_card(
         )
     n_tokens = int(positions[-1]) + 1
 
-    groups, views = [], []
+    # A lossless card keeps the row layout (f16 rows, readable as format version 1).
+    if budget >= MAX_BUDGET_BITS or any(k.shape[1] % 8 for _, layers in ordered for k, _ in layers):
+        k_layout = "row"
+    groups = []
     for pos, layers in ordered:
+        n_blocks = codec.channel_blocks(pos, k_block)
         for k, v in layers:
             k_scores, v_scores = score(LayerView(pos, k, v, n_tokens))
-            groups.append(RowGroup(k.shape[1], np.asarray(k_scores, dtype=np.float64) * k_weight))
+            k_group = RowGroup(k.shape[1], np.asarray(k_scores, dtype=np.float64) * k_weight)
+            if k_layout == "channel":
+                n = k.shape[1]
+                k_group.sizes = {w: (2 * n if w == codec.LOSSLESS_WIDTH else n * w // 8) for w in codec.WIDTHS}
+                k_group.fixed_bytes = n_blocks * 4 * n
+            groups.append(k_group)
             groups.append(RowGroup(v.shape[1], np.asarray(v_scores, dtype=np.float64)))
-            views.append((k, v))
     watch.lap("score")
     if group_size is None:
         group_size = codec.default_group_size([g.n for g in groups])
     # One rotation chunk for the whole card: the largest that divides every row.
     rotation_chunk = min(codec.default_rotation_chunk(g.n) for g in groups)
-    reuse = _reuse_limits(previous, previous_valid_until, ordered, token_array, group_size, rotation_chunk)
+    reuse = _reuse_limits(
+        previous, previous_valid_until, ordered, token_array, group_size, rotation_chunk, k_layout, k_block
+    )
     for group, (max_bits, _) in zip(groups, reuse, strict=True):
         group.max_bits = max_bits
     widths = allocate(groups, budget, group_size)
@@ -203,9 +223,13 @@ def export_card(
         card_layers = []
         for k, v in layers:
             k_bits, v_bits = widths[2 * i], widths[2 * i + 1]
-            k_codes = codec.encode(k, k_bits, group_size, n_threads, rotation_chunk)
+            if k_layout == "channel":
+                k_codes = codec.encode_channel(k, k_bits, pos, k_block, n_threads)
+                k_codes = _splice_previous_blocks(k_codes, k_bits, pos, k.shape[1], k_block, reuse[2 * i])
+            else:
+                k_codes = codec.encode(k, k_bits, group_size, n_threads, rotation_chunk)
+                k_codes = _splice_previous(k_codes, k_bits, k.shape[1], group_size, reuse[2 * i])
             v_codes = codec.encode(v, v_bits, group_size, n_threads, rotation_chunk)
-            k_codes = _splice_previous(k_codes, k_bits, k.shape[1], group_size, reuse[2 * i])
             v_codes = _splice_previous(v_codes, v_bits, v.shape[1], group_size, reuse[2 * i + 1])
             card_layers.append(CardLayer(k.shape[1], v.shape[1], k_bits, k_codes, v_bits, v_codes))
             i += 1
@@ -219,6 +243,8 @@ def export_card(
         sections=card_sections,
         group_size=group_size,
         rotation_chunk=rotation_chunk,
+        k_layout=k_layout,
+        k_block=k_block if k_layout == "channel" else 0,
         provenance=Provenance(budget, controller_name, hop, parent_sha256),
         rope_freq_base=float(llm.context_params.rope_freq_base),
         rope_freq_scale=float(llm.context_params.rope_freq_scale),
@@ -238,8 +264,8 @@ def export_card(
     return card, timing
 
 
-# (max_bits per row or None, (rows, old widths, old payload) or None) per row group.
-_Reuse = tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]
+# (max_bits per row or None, (rows, old rows, old widths, old payload, old positions) or None) per row group.
+_Reuse = tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]
 
 
 def _reuse_limits(
@@ -249,6 +275,8 @@ def _reuse_limits(
     token_array: np.ndarray,
     group_size: int,
     rotation_chunk: int,
+    k_layout: str,
+    k_block: int,
 ) -> list[_Reuse]:
     """Find rows that `previous` already holds, to keep their codes across hops.
 
@@ -258,7 +286,12 @@ def _reuse_limits(
     token id, and the same codec parameters. Its width is then capped at the
     old width (more bits cannot bring back what the old card dropped), and
     when the allocator keeps the old width, the old bytes are copied, so an
-    unchanged token does not lose precision again at every hop.
+    unchanged token does not lose precision again at every hop. Keys in the
+    channel layout are copied by block: a block is copied when it holds the
+    same positions as the old card's block, all reused at their old widths.
+    The rows of a block that gained tokens (the last one, and the first one
+    of a sliding window that moved) are quantized again with the block's new
+    ranges.
 
     NOTE: a cell is taken as unchanged when it was not decoded again; llama.cpp
     also rewrites cells when it shifts positions (context shift), which
@@ -274,6 +307,7 @@ def _reuse_limits(
     if not compatible:
         return [(None, None)] * n_groups
     assert previous is not None
+    same_k_layout = previous.k_layout == k_layout and (k_layout == "row" or previous.k_block == k_block)
     token_at = dict(zip(previous.positions.tolist(), previous.token_ids.tolist(), strict=True))
     out: list[_Reuse] = []
     for (pos, layers), old in zip(ordered, previous.sections, strict=True):
@@ -283,16 +317,20 @@ def _reuse_limits(
         same = (old.positions[index] == pos) & (pos < valid_until)
         same &= np.array([token_at.get(int(p)) == int(token_array[p]) for p in pos], dtype=bool)
         for (k, v), old_layer in zip(layers, old.layers, strict=True):
-            for n, old_n, old_bits, old_codes in (
-                (k.shape[1], old_layer.n_embd_k, old_layer.k_bits, old_layer.k_codes),
-                (v.shape[1], old_layer.n_embd_v, old_layer.v_bits, old_layer.v_codes),
+            for n, old_n, old_bits, old_codes, same_layout in (
+                (k.shape[1], old_layer.n_embd_k, old_layer.k_bits, old_layer.k_codes, same_k_layout),
+                (v.shape[1], old_layer.n_embd_v, old_layer.v_bits, old_layer.v_codes, True),
             ):
                 if not same.any() or n != old_n:
                     out.append((None, None))
                     continue
                 max_bits = np.full(pos.shape[0], codec.LOSSLESS_WIDTH, dtype=np.uint8)
                 max_bits[same] = old_bits[index[same]]
-                out.append((max_bits, (np.flatnonzero(same), index[same], old_bits, old_codes)))
+                if not same_layout:
+                    # Codes of another layout cannot be copied; the widths are still capped.
+                    out.append((max_bits, None))
+                    continue
+                out.append((max_bits, (np.flatnonzero(same), index[same], old_bits, old_codes, old.positions)))
     return out
 
 
@@ -309,7 +347,7 @@ def _splice_previous(codes: np.ndarray, bits: np.ndarray, n: int, group_size: in
     _, source = reuse
     if source is None:
         return codes
-    rows, old_rows, old_bits, old_codes = source
+    rows, old_rows, old_bits, old_codes, _ = source
     keep = bits[rows] == old_bits[old_rows]
     rows, old_rows = rows[keep], old_rows[keep]
     if rows.size == 0:
@@ -320,6 +358,45 @@ def _splice_previous(codes: np.ndarray, bits: np.ndarray, n: int, group_size: in
     for new_row, old_row in zip(rows.tolist(), old_rows.tolist(), strict=True):
         start, end = old_offsets[old_row], old_offsets[old_row + 1]
         out[new_offsets[new_row] : new_offsets[new_row] + (end - start)] = old_codes[start:end]
+    return out
+
+
+def _block_offsets(bits: np.ndarray, positions: np.ndarray, n: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (first row of each channel block plus the row count, byte offset of each block plus the total)."""
+    ids = positions.astype(np.int64) // block
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+    sizes = np.where(bits == codec.LOSSLESS_WIDTH, 2 * n, n * bits.astype(np.int64) // 8)
+    quantized = np.add.reduceat((bits != codec.LOSSLESS_WIDTH).astype(np.int64), starts) > 0
+    block_bytes = np.add.reduceat(sizes, starts) + 4 * n * quantized
+    return np.append(starts, bits.shape[0]), np.concatenate(([0], np.cumsum(block_bytes)))
+
+
+def _splice_previous_blocks(
+    codes: np.ndarray, bits: np.ndarray, positions: np.ndarray, n: int, block: int, reuse: _Reuse
+) -> np.ndarray:
+    """Copy the previous card's bytes into channel-layout `codes` for blocks that are unchanged as a whole."""
+    _, source = reuse
+    if source is None or positions.shape[0] == 0:
+        return codes
+    rows, old_rows, old_bits, old_codes, old_positions = source
+    old_of = np.full(positions.shape[0], -1, dtype=np.int64)
+    kept = bits[rows] == old_bits[old_rows]
+    old_of[rows[kept]] = old_rows[kept]
+    starts, offsets = _block_offsets(bits, positions, n, block)
+    old_starts, old_offsets = _block_offsets(old_bits, old_positions, n, block)
+    out = codes
+    for b in range(starts.shape[0] - 1):
+        first, end = int(starts[b]), int(starts[b + 1])
+        mapped = old_of[first:end]
+        if np.any(mapped < 0) or np.any(np.diff(mapped) != 1):
+            continue
+        # The old block must consist of exactly these rows.
+        old_b = int(np.searchsorted(old_starts, mapped[0]))
+        if old_b >= old_starts.shape[0] - 1 or old_starts[old_b] != mapped[0] or old_starts[old_b + 1] != mapped[-1] + 1:
+            continue
+        if out is codes:
+            out = codes.copy()
+        out[offsets[b] : offsets[b + 1]] = old_codes[old_offsets[old_b] : old_offsets[old_b + 1]]
     return out
 
 

@@ -14,7 +14,15 @@ from llama_cpp import _internals
 from .card import CacheCard
 from .controllers import DEFAULT_CONTROLLER, Controller
 from .fingerprint import ModelFingerprint, fingerprint_model
-from .handoff import DEFAULT_BUDGET_BITS, DEFAULT_K_WEIGHT, HandoffTiming, export_card, import_card
+from .handoff import (
+    DEFAULT_BUDGET_BITS,
+    DEFAULT_K_BLOCK,
+    DEFAULT_K_LAYOUT,
+    DEFAULT_K_WEIGHT,
+    HandoffTiming,
+    export_card,
+    import_card,
+)
 from .models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -106,6 +114,8 @@ class Llama(llama_cpp.Llama):
         tokens: Sequence[int] | np.ndarray | None = None,
         group_size: int | None = None,
         k_weight: float = DEFAULT_K_WEIGHT,
+        k_layout: str = DEFAULT_K_LAYOUT,
+        k_block: int = DEFAULT_K_BLOCK,
         hop: int | None = None,
         parent_sha256: str | None = None,
         reuse_imported: bool = True,
@@ -127,6 +137,11 @@ class Llama(llama_cpp.Llama):
             group_size: elements per quantization group, a multiple of 8 dividing every
                 row; None picks 128, or the largest power of two dividing every row.
             k_weight: importance of key rows relative to value rows.
+            k_layout: 'channel' (default) stores quantized keys with one range per
+                channel within blocks of `k_block` positions; 'row' stores them
+                like values (card format version 1, readable by qkvshare_edge 0.1).
+                Lossless cards (budget 16) always use 'row'.
+            k_block: positions per key block of the channel layout.
             hop: how many handoffs this card has made; default: 1, or one more
                 than the card this sequence was imported from.
             parent_sha256: SHA-256 of the parent card; default: the imported card's, if any.
@@ -147,6 +162,8 @@ class Llama(llama_cpp.Llama):
             tokens=tokens,
             group_size=group_size,
             k_weight=k_weight,
+            k_layout=k_layout,
+            k_block=k_block,
             hop=hop,
             parent_sha256=parent_sha256,
             previous=self._imported_cards.get(seq_id) if reuse_imported else None,

@@ -148,3 +148,98 @@ def decode(payload: npt.NDArray[np.uint8], bits: npt.ArrayLike, n: int, group_si
             y[r] = decode_row(data[offset : offset + size], b, n, group_size)
             offset += size
     return y
+
+
+# -- channel layout (keys) ----------------------------------------------------
+# Rows are grouped into blocks of the positions p with the same p // block. A
+# block with any row below 16 bits starts with n f16 channel minimums m and n
+# f16 channel ranges r over those rows; each such row then holds n codes of
+# its width b, LSB-first; y = m + (r / (2^b - 1)) * q. 16-bit rows are f16.
+
+
+def _blocks(positions: npt.NDArray[np.int32], block: int) -> list[slice]:
+    ids = np.asarray(positions, dtype=np.int64) // block
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1]))) if ids.size else np.array([], int)
+    ends = np.concatenate((starts[1:], [ids.size]))
+    return [slice(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def _pack(q: npt.NDArray[np.uint8], bits: int) -> bytes:
+    bit_values = (q.reshape(-1)[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return np.packbits(bit_values.reshape(-1), bitorder="little").tobytes()
+
+
+def _steps(header: bytes, n: int, bits: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    mf = np.frombuffer(header, dtype="<f2", count=n).astype(F32)
+    rf = np.frombuffer(header, dtype="<f2", count=n, offset=2 * n).astype(F32)
+    return mf, (rf / F32((1 << bits) - 1)).astype(F32)
+
+
+def channel_bytes(bits: npt.ArrayLike, positions: npt.ArrayLike, n: int, block: int) -> int:
+    widths = np.asarray(bits, dtype=np.uint8)
+    total = 0
+    for s in _blocks(np.asarray(positions), block):
+        w = widths[s]
+        total += (4 * n if np.any(w != 16) else 0) + int(sum(2 * n if b == 16 else n * int(b) // 8 for b in w))
+    return total
+
+
+def channel_encode(
+    x: npt.NDArray[np.float32], bits: npt.ArrayLike, positions: npt.ArrayLike, block: int
+) -> npt.NDArray[np.uint8]:
+    """Encode the rows of x (n_rows, n) in the channel layout."""
+    x = np.asarray(x, dtype=F32)
+    widths = np.asarray(bits, dtype=np.uint8)
+    n = x.shape[1]
+    parts = []
+    with np.errstate(all="ignore"):
+        for s in _blocks(np.asarray(positions), block):
+            rows, w = x[s], widths[s]
+            quantized = w != 16
+            if quantized.any():
+                mn = np.fmin.reduce(rows[quantized], axis=0, initial=F32(np.inf))
+                mx = np.fmax.reduce(rows[quantized], axis=0, initial=F32(-np.inf))
+                m16 = mn.astype(np.float16)
+                header = m16.astype("<f2").tobytes() + (mx - m16.astype(F32)).astype("<f2").tobytes()
+                parts.append(header)
+            for row, b in zip(rows, w, strict=True):
+                if b == 16:
+                    parts.append(row.astype("<f2").tobytes())
+                    continue
+                mf, d = _steps(header, n, int(b))
+                inverse = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+                q = _round_clamped((row - mf) * inverse, 0, (1 << int(b)) - 1).astype(np.uint8)
+                parts.append(_pack(q, int(b)))
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+
+
+def channel_decode(
+    payload: npt.NDArray[np.uint8], bits: npt.ArrayLike, positions: npt.ArrayLike, n: int, block: int
+) -> npt.NDArray[np.float32]:
+    """Decode a channel-layout payload into a float32 array (n_rows, n)."""
+    data = np.asarray(payload, dtype=np.uint8).tobytes()
+    widths = np.asarray(bits, dtype=np.uint8)
+    if len(data) != channel_bytes(widths, positions, n, block):
+        raise ValueError("payload size does not match the widths")
+    y = np.empty((widths.shape[0], n), dtype=F32)
+    offset = 0
+    with np.errstate(all="ignore"):
+        for s in _blocks(np.asarray(positions), block):
+            w = widths[s]
+            header = b""
+            if np.any(w != 16):
+                header = data[offset : offset + 4 * n]
+                offset += 4 * n
+            for r, b in zip(range(s.start, s.stop), w, strict=True):
+                if b == 16:
+                    y[r] = np.frombuffer(data, dtype="<f2", count=n, offset=offset).astype(F32)
+                    offset += 2 * n
+                    continue
+                size = n * int(b) // 8
+                stream = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
+                offset += size
+                bit_values = np.unpackbits(stream, bitorder="little").reshape(n, int(b)).astype(np.uint32)
+                q = (bit_values << np.arange(int(b), dtype=np.uint32)).sum(axis=1).astype(F32)
+                mf, d = _steps(header, n, int(b))
+                y[r] = mf + d * q
+    return y

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import sys
 import tempfile
 import zlib
@@ -35,6 +36,8 @@ from qkvshare_edge.errors import CardChecksumError, CardFormatError
 from qkvshare_edge.fingerprint import ModelFingerprint
 
 GOLDEN = Path(__file__).parent / "data" / "cachecard_v1_golden.qkvc"
+GOLDEN_V2 = Path(__file__).parent / "data" / "cachecard_v2_golden.qkvc"
+K_BLOCK = 4
 GROUP_SIZE = 16
 ROTATION_CHUNK = 16
 KEY = "cachecard."
@@ -113,11 +116,23 @@ def _golden_card() -> CacheCard:
     )
 
 
+def _golden_card_v2() -> CacheCard:
+    """The golden card with its keys in the channel layout, blocks of K_BLOCK positions (format version 2)."""
+    card = _golden_card()
+    card.k_layout, card.k_block = "channel", K_BLOCK
+    for s, section in enumerate(card.sections):
+        for j, layer in enumerate(section.layers):
+            k = _rows(section.n_cells, layer.n_embd_k, seed=1 + 2 * j + 4 * s)
+            layer.k_codes = codec.encode_channel(k, layer.k_bits, section.positions, K_BLOCK, 1)
+    return card
+
+
 def _regenerate() -> None:
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    data = _golden_card().to_bytes()
-    GOLDEN.write_bytes(data)
-    print(f"wrote {GOLDEN} ({len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()})")
+    for path, card in ((GOLDEN, _golden_card()), (GOLDEN_V2, _golden_card_v2())):
+        data = card.to_bytes()
+        path.write_bytes(data)
+        print(f"wrote {path} ({len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()})")
 
 
 # -- a writer built from docs/cachecard.md ------------------------------------
@@ -164,7 +179,7 @@ def _spec_parts(card: CacheCard) -> tuple[Metadata, dict[str, np.ndarray]]:
 
     fingerprint = _fingerprint_json(card.model)
     kv: Metadata = {
-        KEY + "format_version": Value(ValueType.UINT32, 1),
+        KEY + "format_version": Value(ValueType.UINT32, 1 if card.k_layout == "row" else 2),
         KEY + "producer": Value(ValueType.STRING, card.provenance.producer),
         KEY + "model.architecture": Value(ValueType.STRING, card.model.architecture),
         KEY + "model.fingerprint": Value(ValueType.STRING, fingerprint),
@@ -174,8 +189,11 @@ def _spec_parts(card: CacheCard) -> tuple[Metadata, dict[str, np.ndarray]]:
         KEY + "n_tokens": Value(ValueType.UINT64, card.n_tokens),
         KEY + "group_size": Value(ValueType.UINT32, card.group_size),
         KEY + "rotation_chunk": Value(ValueType.UINT32, card.rotation_chunk),
-        KEY + "n_section": Value(ValueType.UINT32, len(card.sections)),
     }
+    if card.k_layout != "row":
+        kv[KEY + "k_layout"] = Value(ValueType.STRING, card.k_layout)
+        kv[KEY + "k_block"] = Value(ValueType.UINT32, card.k_block)
+    kv[KEY + "n_section"] = Value(ValueType.UINT32, len(card.sections))
     for s, section in enumerate(card.sections):
         kv[KEY + f"section.{s}.n_layer"] = Value(ValueType.UINT32, len(section.layers))
         n_embd_k = [layer.n_embd_k for layer in section.layers]
@@ -235,8 +253,8 @@ def _assemble(kv: Metadata, arrays: dict[str, np.ndarray]) -> bytes:
 Edit = Callable[[Metadata, dict[str, np.ndarray]], None]
 
 
-def _build(*edits: Edit) -> bytes:
-    kv, arrays = _spec_parts(_golden_card())
+def _build(*edits: Edit, card: CacheCard | None = None) -> bytes:
+    kv, arrays = _spec_parts(card if card is not None else _golden_card())
     for edit in edits:
         edit(kv, arrays)
     return _assemble(kv, arrays)
@@ -450,6 +468,83 @@ def test_golden_lossless_rows_exact() -> None:
     np.testing.assert_array_equal(k[0], _rows(6, 32, 1)[0])
 
 
+# -- format version 2: keys in the channel layout --------------------------------
+
+
+def test_golden_v2_bytes_unchanged() -> None:
+    golden = GOLDEN_V2.read_bytes()
+    data = _golden_card_v2().to_bytes()
+    assert data == golden, (
+        f"CacheCard v2 bytes differ from {GOLDEN_V2.name} at byte offset {_first_difference(data, golden)}; "
+        "if intended, update docs/cachecard.md and run: PYTHONPATH=. python tests/test_card_format.py --regenerate"
+    )
+
+
+def test_spec_writer_matches_golden_v2() -> None:
+    data = _build(card=_golden_card_v2())
+    golden = GOLDEN_V2.read_bytes()
+    assert data == golden, f"first difference at byte offset {_first_difference(data, golden)}"
+
+
+def _decode_channel_per_spec(codes: bytes, bits: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
+    """Decode channel-layout keys from the rules in docs/cachecard.md, with plain Python loops."""
+    out = np.zeros((bits.shape[0], n), dtype=np.float32)
+    offset, r = 0, 0
+    while r < bits.shape[0]:
+        end = r
+        while end < bits.shape[0] and positions[end] // K_BLOCK == positions[r] // K_BLOCK:
+            end += 1
+        m = r_ = None
+        if any(int(b) != 16 for b in bits[r:end]):
+            m = np.frombuffer(codes, dtype="<f2", count=n, offset=offset).astype(np.float32)
+            r_ = np.frombuffer(codes, dtype="<f2", count=n, offset=offset + 2 * n).astype(np.float32)
+            offset += 4 * n
+        for row in range(r, end):
+            width = int(bits[row])
+            if width == 16:
+                out[row] = np.frombuffer(codes, dtype="<f2", count=n, offset=offset).astype(np.float32)
+                offset += 2 * n
+                continue
+            stream = int.from_bytes(codes[offset : offset + n * width // 8], "little")
+            offset += n * width // 8
+            for c in range(n):
+                q = (stream >> (c * width)) & ((1 << width) - 1)
+                step = np.float32(r_[c] / np.float32((1 << width) - 1))
+                out[row, c] = m[c] + np.float32(step * np.float32(q))
+        r = end
+    assert offset == len(codes)
+    return out
+
+
+def test_golden_v2_keys_decode_per_spec() -> None:
+    card = CacheCard.load(GOLDEN_V2)
+    assert (card.format_version, card.k_layout, card.k_block) == (2, "channel", K_BLOCK)
+    for s, section in enumerate(card.sections):
+        for j, layer in enumerate(section.layers):
+            k, _ = card.decode_layer(s, j, n_threads=1)
+            expected = _decode_channel_per_spec(layer.k_codes.tobytes(), layer.k_bits, section.positions, layer.n_embd_k)
+            np.testing.assert_array_equal(expected, k, err_msg=f"section {s} layer {j} K")
+
+
+def test_v1_card_reads_as_row_layout() -> None:
+    card = CacheCard.load(GOLDEN)
+    assert (card.format_version, card.k_layout, card.k_block) == (1, "row", 0)
+
+
+@pytest.mark.parametrize(
+    ("edits", "phrase"),
+    [
+        ([drop_key("k_layout")], "missing metadata key cachecard.k_layout"),
+        ([set_key("k_layout", "diagonal", ValueType.STRING)], "unknown k_layout 'diagonal'"),
+        ([set_key("k_block", 0)], "k_block = 0 is out of range"),
+        ([trim_tensor("sec.0.blk.0.k_codes")], "section 0, layer 0, K: 403 code bytes, the widths need 404"),
+    ],
+)
+def test_reject_v2_format(edits: list[Edit], phrase: str) -> None:
+    with pytest.raises(CardFormatError, match=re.escape(phrase)):
+        CacheCard.from_bytes(_build(*edits, card=_golden_card_v2()))
+
+
 @pytest.mark.parametrize(
     ("width", "n", "row_bytes", "bits"),
     [
@@ -581,10 +676,10 @@ def test_reject_model_gguf(tmp_path: Path) -> None:
 
 
 def test_reject_newer_version() -> None:
-    data = _build(set_key("format_version", 2))
-    with pytest.raises(CardFormatError, match="version 2 is not supported") as info:
+    data = _build(set_key("format_version", 3))
+    with pytest.raises(CardFormatError, match="version 3 is not supported") as info:
         CacheCard.from_bytes(data)
-    assert "reads version 1" in str(info.value)
+    assert "reads versions 1, 2" in str(info.value)
     assert "upgrade qkvshare_edge" in str(info.value)
 
 
@@ -592,7 +687,7 @@ def test_reject_older_version() -> None:
     data = _build(set_key("format_version", 0))
     with pytest.raises(CardFormatError, match="version 0 is not supported") as info:
         CacheCard.from_bytes(data)
-    assert "reads version 1" in str(info.value)
+    assert "reads versions 1, 2" in str(info.value)
     assert "export the card again" in str(info.value)
 
 

@@ -59,6 +59,51 @@ py::array_t<float> decode(const U8Array& payload, const U8Array& bits, int64_t n
     return to_numpy(std::move(y), {n_rows, n});
 }
 
+void check_rows(const U8Array& bits, const I32Array& positions, int64_t n_rows) {
+    if (bits.ndim() != 1 || bits.shape(0) != n_rows || positions.ndim() != 1 || positions.shape(0) != n_rows) {
+        throw std::invalid_argument("bits and positions must have one entry per row: got " +
+                                    std::to_string(bits.size()) + " widths and " + std::to_string(positions.size()) +
+                                    " positions for " + std::to_string(n_rows) + " rows");
+    }
+}
+
+size_t channel_bytes(const U8Array& bits, const I32Array& positions, int64_t n, int64_t block) {
+    const int64_t n_rows = bits.ndim() == 1 ? bits.shape(0) : -1;
+    check_rows(bits, positions, n_rows);
+    return qkv::codec_channel_bytes(n_rows, n, bits.data(), positions.data(), block);
+}
+
+py::array_t<uint8_t> channel_encode(const F32Array& x, const U8Array& bits, const I32Array& positions, int64_t block,
+                                    int n_threads) {
+    if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D (n_rows, n), got " + std::to_string(x.ndim()) + "-D");
+    const int64_t n_rows = x.shape(0);
+    const int64_t n = x.shape(1);
+    check_rows(bits, positions, n_rows);
+    const size_t total = qkv::codec_channel_bytes(n_rows, n, bits.data(), positions.data(), block);
+    std::vector<uint8_t> out(total);
+    {
+        py::gil_scoped_release release;
+        qkv::codec_channel_encode(x.data(), n_rows, n, bits.data(), positions.data(), block, out.data(), out.size(),
+                                  n_threads);
+    }
+    return to_numpy(std::move(out), {static_cast<py::ssize_t>(total)});
+}
+
+py::array_t<float> channel_decode(const U8Array& payload, const U8Array& bits, const I32Array& positions, int64_t n,
+                                  int64_t block, int n_threads) {
+    const int64_t n_rows = bits.ndim() == 1 ? bits.shape(0) : -1;
+    check_rows(bits, positions, n_rows);
+    // Validates every argument before the allocation.
+    qkv::codec_channel_bytes(n_rows, n, bits.data(), positions.data(), block);
+    std::vector<float> y(static_cast<size_t>(n_rows) * static_cast<size_t>(n));
+    {
+        py::gil_scoped_release release;
+        qkv::codec_channel_decode(payload.data(), static_cast<size_t>(payload.size()), n_rows, n, bits.data(),
+                                  positions.data(), block, y.data(), n_threads);
+    }
+    return to_numpy(std::move(y), {n_rows, n});
+}
+
 py::dict parse_state(const py::buffer& buffer, int64_t k_chunk, int64_t v_chunk, int n_threads) {
     py::buffer_info info = buffer.request();
     if (info.ndim != 1 || info.itemsize != 1) throw std::invalid_argument("state must be a 1-D byte buffer");
@@ -162,6 +207,13 @@ PYBIND11_MODULE(_native, m) {
     m.def("codec_encode", &encode, py::arg("x"), py::arg("bits"), py::arg("group_size"), py::arg("n_threads") = 0);
     m.def("codec_decode", &decode, py::arg("payload"), py::arg("bits"), py::arg("n"), py::arg("group_size"),
           py::arg("n_threads") = 0);
+
+    m.def("codec_channel_bytes", &channel_bytes, py::arg("bits"), py::arg("positions"), py::arg("n"),
+          py::arg("block"));
+    m.def("codec_channel_encode", &channel_encode, py::arg("x"), py::arg("bits"), py::arg("positions"),
+          py::arg("block"), py::arg("n_threads") = 0);
+    m.def("codec_channel_decode", &channel_decode, py::arg("payload"), py::arg("bits"), py::arg("positions"),
+          py::arg("n"), py::arg("block"), py::arg("n_threads") = 0);
 
     m.def("parse_state", &parse_state, py::arg("buffer"), py::arg("k_chunk") = 0, py::arg("v_chunk") = 0,
           py::arg("n_threads") = 0);

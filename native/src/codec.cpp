@@ -4,6 +4,7 @@
 #include "codec.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -265,10 +266,10 @@ std::vector<size_t> row_offsets(int64_t n_rows, int64_t n, const uint8_t* bits, 
 // fn must not throw, because an exception on a worker thread would end the
 // process.
 template <typename Fn>
-void for_row_ranges(int64_t n_rows, int n_threads, const Fn& fn) {
+void for_row_ranges(int64_t n_rows, int n_threads, const Fn& fn, int64_t min_per_thread = kMinRowsPerThread) {
     int64_t workers = n_threads;
     if (workers <= 0) workers = static_cast<int64_t>(std::thread::hardware_concurrency());
-    workers = std::min(workers, n_rows / kMinRowsPerThread);
+    workers = std::min(workers, n_rows / min_per_thread);
     if (workers <= 1) {
         fn(int64_t{0}, n_rows);
         return;
@@ -292,6 +293,177 @@ void for_row_ranges(int64_t n_rows, int n_threads, const Fn& fn) {
     }
     fn(int64_t{0}, range_begin(1));
     for (std::thread& thread : threads) thread.join();
+}
+
+// -- channel layout ------------------------------------------------------------
+
+constexpr int64_t kMaxChannelBlock = int64_t{1} << 24;
+
+struct ChannelBlock {
+    int64_t row_begin;
+    int64_t row_end;
+    size_t offset;   // byte offset of the block in the payload
+    bool quantized;  // has a header: some row is below 16 bits
+};
+
+// Bytes of a row's codes in the channel layout (no scales: they are in the block header).
+size_t channel_row_bytes(int bits, int64_t n) noexcept {
+    return static_cast<size_t>(n) / 8 * static_cast<size_t>(bits);
+}
+
+// Validates the arguments and splits the rows into blocks; the last entry's
+// offset is the total size (it has no rows).
+std::vector<ChannelBlock> channel_blocks(int64_t n_rows, int64_t n, const uint8_t* bits, const int32_t* positions,
+                                         int64_t block) {
+    if (n_rows < 0) throw std::invalid_argument("codec: n_rows must be >= 0, got " + std::to_string(n_rows));
+    if (n <= 0 || n % 8 != 0 || n > kMaxRowElements) {
+        throw std::invalid_argument("codec: channel row length n must be a positive multiple of 8, got " +
+                                    std::to_string(n));
+    }
+    if (block < 1 || block > kMaxChannelBlock) {
+        throw std::invalid_argument("codec: channel block must be in [1, " + std::to_string(kMaxChannelBlock) +
+                                    "] positions, got " + std::to_string(block));
+    }
+    if (n_rows > 0 && (bits == nullptr || positions == nullptr)) {
+        throw std::invalid_argument("codec: bits or positions is null");
+    }
+    std::vector<ChannelBlock> blocks;
+    size_t offset = 0;
+    const size_t header = 4 * static_cast<size_t>(n);
+    auto add = [&offset](size_t bytes) {
+        if (offset > std::numeric_limits<size_t>::max() - bytes) {
+            throw std::invalid_argument("codec: total payload size overflows size_t");
+        }
+        offset += bytes;
+    };
+    int64_t r = 0;
+    while (r < n_rows) {
+        const int64_t id = positions[r] / block;
+        ChannelBlock b{r, r, offset, false};
+        size_t rows = 0;
+        for (; r < n_rows && positions[r] / block == id; ++r) {
+            if (positions[r] < 0 || (r > 0 && positions[r] <= positions[r - 1])) {
+                throw std::invalid_argument("codec: positions must be non-negative and strictly ascending (row " +
+                                            std::to_string(r) + ", position " + std::to_string(positions[r]) + ")");
+            }
+            if (!codec_width_valid(bits[r])) {
+                throw std::invalid_argument(width_error(bits[r]) + " in row " + std::to_string(r));
+            }
+            if (bits[r] != 16) b.quantized = true;
+            const size_t row = bits[r] == 16 ? 2 * static_cast<size_t>(n) : channel_row_bytes(bits[r], n);
+            if (rows > std::numeric_limits<size_t>::max() - row) {
+                throw std::invalid_argument("codec: total payload size overflows size_t");
+            }
+            rows += row;
+        }
+        b.row_end = r;
+        if (b.quantized) add(header);
+        add(rows);
+        blocks.push_back(b);
+    }
+    blocks.push_back({n_rows, n_rows, offset, false});
+    return blocks;
+}
+
+// Per channel, for each width below 16: the step d = r / (2^b - 1) and its inverse.
+struct ChannelSteps {
+    explicit ChannelSteps(int64_t n) : minimum(static_cast<size_t>(n)) {
+        for (auto& v : step) v.resize(static_cast<size_t>(n));
+        for (auto& v : inverse) v.resize(static_cast<size_t>(n));
+    }
+    std::vector<float> minimum;
+    std::vector<float> step[4];
+    std::vector<float> inverse[4];
+};
+
+int width_slot(int bits) noexcept { return bits == 2 ? 0 : bits == 3 ? 1 : bits == 4 ? 2 : 3; }
+
+void channel_steps(const uint8_t* header, int64_t n, ChannelSteps& s) noexcept {
+    static const int kWidths[4] = {2, 3, 4, 8};
+    for (int64_t c = 0; c < n; ++c) {
+        s.minimum[static_cast<size_t>(c)] = fp16_to_fp32(load_f16(header + 2 * c));
+        const float range = fp16_to_fp32(load_f16(header + 2 * n + 2 * c));
+        for (int w = 0; w < 4; ++w) {
+            const float d = range / static_cast<float>((1 << kWidths[w]) - 1);
+            s.step[w][static_cast<size_t>(c)] = d;
+            s.inverse[w][static_cast<size_t>(c)] = (d != 0.0f) ? 1.0f / d : 0.0f;
+        }
+    }
+}
+
+void encode_channel_block(const float* x, int64_t n, const uint8_t* bits, const ChannelBlock& b, uint8_t* out,
+                          ChannelSteps& s) noexcept {
+    uint8_t* dst = out + b.offset;
+    if (b.quantized) {
+        // NaN elements fail both comparisons and are skipped, as in encode_asym_row.
+        for (int64_t c = 0; c < n; ++c) {
+            float mn = std::numeric_limits<float>::infinity();
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t r = b.row_begin; r < b.row_end; ++r) {
+                if (bits[r] == 16) continue;
+                const float v = x[r * n + c];
+                if (v < mn) mn = v;
+                if (v > mx) mx = v;
+            }
+            const uint16_t m16 = fp32_to_fp16(mn);
+            store_f16(dst + 2 * c, m16);
+            store_f16(dst + 2 * n + 2 * c, fp32_to_fp16(mx - fp16_to_fp32(m16)));
+        }
+        channel_steps(dst, n, s);
+        dst += 4 * n;
+    }
+    for (int64_t r = b.row_begin; r < b.row_end; ++r) {
+        const float* xr = x + r * n;
+        const int bw = bits[r];
+        if (bw == 16) {
+            encode_f16_row(xr, n, dst);
+            dst += 2 * n;
+            continue;
+        }
+        const int w = width_slot(bw);
+        const float levels = static_cast<float>((1 << bw) - 1);
+        const float* mf = s.minimum.data();
+        const float* id = s.inverse[w].data();
+        for (int64_t i = 0; i < n; i += 8) {
+            uint64_t packed = 0;
+            for (int k = 0; k < 8; ++k) {
+                const float q = round_clamped((xr[i + k] - mf[i + k]) * id[i + k], 0.0f, levels);
+                packed |= static_cast<uint64_t>(q) << (k * bw);
+            }
+            for (int j = 0; j < bw; ++j) *dst++ = static_cast<uint8_t>((packed >> (8 * j)) & 0xffu);
+        }
+    }
+}
+
+void decode_channel_block(const uint8_t* in, int64_t n, const uint8_t* bits, const ChannelBlock& b, float* y,
+                          ChannelSteps& s) noexcept {
+    const uint8_t* src = in + b.offset;
+    if (b.quantized) {
+        channel_steps(src, n, s);
+        src += 4 * n;
+    }
+    for (int64_t r = b.row_begin; r < b.row_end; ++r) {
+        float* yr = y + r * n;
+        const int bw = bits[r];
+        if (bw == 16) {
+            decode_f16_row(src, n, yr);
+            src += 2 * n;
+            continue;
+        }
+        const int w = width_slot(bw);
+        const uint64_t mask = (uint64_t{1} << bw) - 1u;
+        const float* mf = s.minimum.data();
+        const float* d = s.step[w].data();
+        for (int64_t i = 0; i < n; i += 8) {
+            uint64_t packed = 0;
+            for (int j = 0; j < bw; ++j) packed |= static_cast<uint64_t>(*src++) << (8 * j);
+            for (int k = 0; k < 8; ++k) {
+                const float q = static_cast<float>((packed >> (k * bw)) & mask);
+                const float scaled = d[i + k] * q;
+                yr[i + k] = mf[i + k] + scaled;
+            }
+        }
+    }
 }
 
 }  // namespace
@@ -351,6 +523,68 @@ void codec_decode(const uint8_t* in, size_t in_size, int64_t n_rows, int64_t n, 
             decode_row(in + offsets[static_cast<size_t>(r)], n, group_size, bits[r], y + r * n);
         }
     });
+}
+
+size_t codec_channel_bytes(int64_t n_rows, int64_t n, const uint8_t* bits, const int32_t* positions, int64_t block) {
+    return channel_blocks(n_rows, n, bits, positions, block).back().offset;
+}
+
+void codec_channel_encode(const float* x, int64_t n_rows, int64_t n, const uint8_t* bits, const int32_t* positions,
+                          int64_t block, uint8_t* out, size_t out_size, int n_threads) {
+    const std::vector<ChannelBlock> blocks = channel_blocks(n_rows, n, bits, positions, block);
+    if (out_size != blocks.back().offset) {
+        throw std::invalid_argument("codec_channel_encode: output buffer has " + std::to_string(out_size) +
+                                    " bytes, but the rows need " + std::to_string(blocks.back().offset));
+    }
+    if (n_rows == 0) return;
+    if (x == nullptr || out == nullptr) throw std::invalid_argument("codec_channel_encode: x or out is null");
+    const auto n_blocks = static_cast<int64_t>(blocks.size()) - 1;
+    // The per-worker scratch is the only allocation on a worker thread; a
+    // failure there is passed back instead of ending the process.
+    std::atomic<bool> out_of_memory{false};
+    for_row_ranges(
+        n_blocks, n_threads,
+        [&](int64_t begin, int64_t end) {
+            try {
+                ChannelSteps steps(n);
+                for (int64_t i = begin; i < end; ++i) {
+                    encode_channel_block(x, n, bits, blocks[static_cast<size_t>(i)], out, steps);
+                }
+            } catch (const std::bad_alloc&) {
+                out_of_memory = true;
+            }
+        },
+        1);
+    if (out_of_memory) throw std::bad_alloc();
+}
+
+void codec_channel_decode(const uint8_t* in, size_t in_size, int64_t n_rows, int64_t n, const uint8_t* bits,
+                          const int32_t* positions, int64_t block, float* y, int n_threads) {
+    const std::vector<ChannelBlock> blocks = channel_blocks(n_rows, n, bits, positions, block);
+    if (in_size != blocks.back().offset) {
+        throw std::invalid_argument("codec_channel_decode: payload has " + std::to_string(in_size) +
+                                    " bytes, but the row widths need " + std::to_string(blocks.back().offset));
+    }
+    if (n_rows == 0) return;
+    if (in == nullptr || y == nullptr) throw std::invalid_argument("codec_channel_decode: payload or y is null");
+    const auto n_blocks = static_cast<int64_t>(blocks.size()) - 1;
+    // The per-worker scratch is the only allocation on a worker thread; a
+    // failure there is passed back instead of ending the process.
+    std::atomic<bool> out_of_memory{false};
+    for_row_ranges(
+        n_blocks, n_threads,
+        [&](int64_t begin, int64_t end) {
+            try {
+                ChannelSteps steps(n);
+                for (int64_t i = begin; i < end; ++i) {
+                    decode_channel_block(in, n, bits, blocks[static_cast<size_t>(i)], y, steps);
+                }
+            } catch (const std::bad_alloc&) {
+                out_of_memory = true;
+            }
+        },
+        1);
+    if (out_of_memory) throw std::bad_alloc();
 }
 
 }  // namespace qkv

@@ -38,3 +38,26 @@ void codec_decode(const uint8_t* in, size_t in_size, int64_t n_rows, int64_t n,
                   const uint8_t* bits, int64_t group_size, float* y, int n_threads);
 
 }  // namespace qkv
+
+namespace qkv {
+
+// Channel layout, for keys. Rows (ascending positions) are grouped into
+// blocks of the positions p with the same p / block. A block whose rows are
+// all 16 bits holds those rows as f16. Any other block starts with a header
+// of n f16 channel minimums m and n f16 channel ranges r, taken over the
+// block's rows below 16 bits; each such row then holds n codes of its own
+// width b (2, 3, 4 or 8) packed LSB-first, n * b / 8 bytes, with
+// x ~= m + (r / (2^b - 1)) * q per channel. 16-bit rows stay f16.
+// n must be a positive multiple of 8, block at least 1, positions strictly
+// ascending and non-negative; violations throw std::invalid_argument.
+
+// Bytes of n_rows rows in the channel layout.
+size_t codec_channel_bytes(int64_t n_rows, int64_t n, const uint8_t* bits, const int32_t* positions, int64_t block);
+
+void codec_channel_encode(const float* x, int64_t n_rows, int64_t n, const uint8_t* bits, const int32_t* positions,
+                          int64_t block, uint8_t* out, size_t out_size, int n_threads);
+
+void codec_channel_decode(const uint8_t* in, size_t in_size, int64_t n_rows, int64_t n, const uint8_t* bits,
+                          const int32_t* positions, int64_t block, float* y, int n_threads);
+
+}  // namespace qkv
