@@ -11,7 +11,7 @@ Controllers are looked up by name in `CONTROLLERS`, an explicit registry.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +24,10 @@ class LayerView:
     keys: np.ndarray  # (n_rows, n_embd_k_gqa) float32
     values: np.ndarray  # (n_rows, n_embd_v_gqa) float32
     n_tokens: int  # tokens in the whole sequence (the full-attention section's length)
+    # (n_rows,) attention each row receives from recent queries (1.0: as much as
+    # uniform attention would give), for controllers with `needs_attention`;
+    # None when no queries were recorded for this layer.
+    attention: np.ndarray | None = field(default=None)
 
 
 # (layer) -> (key scores (n_rows,), value scores (n_rows,)), float64, >= 0.
@@ -69,10 +73,36 @@ def key_norm(layer: LayerView) -> tuple[np.ndarray, np.ndarray]:
     return scores, scores.copy()
 
 
+# attention: score = ATTENTION_FLOOR + normalized attention. The floor keeps
+# tokens that recent queries ignore from dropping to the narrowest width at
+# once, since later queries may attend to them.
+ATTENTION_FLOOR = 0.25
+
+
+def attention(layer: LayerView) -> tuple[np.ndarray, np.ndarray]:
+    """Score each token by the attention the most recent queries give it in this layer.
+
+    The signal is recorded while decoding (see `attention.py`): the last
+    queries of each layer after RoPE, whose softmax over the cached keys is
+    recomputed at export. Without recorded queries (a context created with
+    attention_window=0, or a sequence imported and not decoded since) it
+    falls back to `key_norm`.
+    """
+    if layer.attention is None:
+        return key_norm(layer)
+    scores = ATTENTION_FLOOR + np.asarray(layer.attention, dtype=np.float64)
+    return scores, scores.copy()
+
+
+# Tells export_card to compute LayerView.attention for this controller.
+attention.needs_attention = True  # type: ignore[attr-defined]
+
+
 CONTROLLERS: dict[str, Controller] = {
     "uniform": uniform,
     "sink-recent": sink_recent,
     "key-norm": key_norm,
+    "attention": attention,
 }
 DEFAULT_CONTROLLER = "sink-recent"
 

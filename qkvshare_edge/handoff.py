@@ -21,6 +21,7 @@ import numpy as np
 
 from . import codec, state
 from .allocation import MAX_BUDGET_BITS, RowGroup, allocate
+from .attention import attention_scores, match_layers
 from .card import MAX_K_BLOCK, CacheCard, CardLayer, CardSection, Provenance
 from .controllers import DEFAULT_CONTROLLER, Controller, LayerView, get_controller
 from .errors import (
@@ -193,11 +194,13 @@ def export_card(
     # A lossless card keeps the row layout (f16 rows, readable as format version 1).
     if budget >= MAX_BUDGET_BITS or any(k.shape[1] % 8 for _, layers in ordered for k, _ in layers):
         k_layout = "row"
+    attention = _attention_per_layer(llm, seq_id, n_tokens, ordered) if getattr(score, "needs_attention", False) else None
     groups = []
-    for pos, layers in ordered:
+    for s_index, (pos, layers) in enumerate(ordered):
         n_blocks = codec.channel_blocks(pos, k_block)
-        for k, v in layers:
-            k_scores, v_scores = score(LayerView(pos, k, v, n_tokens))
+        for j, (k, v) in enumerate(layers):
+            view = LayerView(pos, k, v, n_tokens, attention[s_index][j] if attention is not None else None)
+            k_scores, v_scores = score(view)
             k_group = RowGroup(k.shape[1], np.asarray(k_scores, dtype=np.float64) * k_weight)
             if k_layout == "channel":
                 n = k.shape[1]
@@ -262,6 +265,33 @@ def export_card(
     )
     logger.debug("export stages (ms): %s", timing.stages_ms)
     return card, timing
+
+
+def _attention_per_layer(
+    llm: Llama, seq_id: int, n_tokens: int, ordered: list[tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]]
+) -> list[list[np.ndarray | None]] | None:
+    """Attention each cached row receives from the sequence's recorded queries, per section and layer."""
+    recorder = getattr(llm, "attention_recorder", None)
+    recorded = recorder.layers(seq_id, n_tokens) if recorder is not None else None
+    if not recorded:
+        logger.info("no recorded queries for seq %d; the attention controller falls back to key norms", seq_id)
+        return None
+    n_head = max(1, int(llama_cpp.llama_model_n_head(llm.model)))
+    n_swa = int(llama_cpp.llama_model_n_swa(llm.model))
+    out: list[list[np.ndarray | None]] = []
+    for s_index, (pos, layers) in enumerate(ordered):
+        # With two caches (iSWA), the second one holds the sliding-window layers.
+        window = n_swa if len(ordered) == 2 and s_index == 1 else 0
+        mapping = match_layers(recorded, pos, [k for k, _ in layers])
+        scores: list[np.ndarray | None] = []
+        for (k, _), il in zip(layers, mapping, strict=True):
+            if il is None:
+                scores.append(None)
+                continue
+            r = recorded[il]
+            scores.append(attention_scores(r.queries, r.positions, k, pos, n_head, window))
+        out.append(scores)
+    return out
 
 
 # (max_bits per row or None, (rows, old rows, old widths, old payload, old positions) or None) per row group.

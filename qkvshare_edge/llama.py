@@ -11,6 +11,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
+from .attention import DEFAULT_WINDOW as DEFAULT_ATTENTION_WINDOW
+from .attention import AttentionRecorder
 from .card import CacheCard
 from .controllers import DEFAULT_CONTROLLER, Controller
 from .fingerprint import ModelFingerprint, fingerprint_model
@@ -38,6 +40,9 @@ class Llama(llama_cpp.Llama):
         kv_unified: one KV buffer shared by all sequences (True), or one per
             sequence (False, each with n_ctx / n_seq_max cells). None keeps
             llama.cpp's default.
+        attention_window: recent query rows kept per layer for the
+            'attention' controller (see `attention.py`); 0 turns the
+            recording off.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class Llama(llama_cpp.Llama):
         *,
         n_seq_max: int = 1,
         kv_unified: bool | None = None,
+        attention_window: int = DEFAULT_ATTENTION_WINDOW,
         **kwargs: Any,
     ) -> None:
         super().__init__(model_path, **kwargs)
@@ -58,7 +64,13 @@ class Llama(llama_cpp.Llama):
         self._clean_until: dict[int, int] = {}
         self.last_export_timing: HandoffTiming | None = None
         self.last_import_timing: HandoffTiming | None = None
-        if n_seq_max != 1 or kv_unified is not None:
+        if attention_window < 0:
+            raise ValueError(f"attention_window must be >= 0 (0 turns recording off), got {attention_window}")
+        self.attention_recorder: AttentionRecorder | None = None
+        if attention_window > 0:
+            self.attention_recorder = self._make_recorder(attention_window)
+            self.attention_recorder.attach(self.context_params)
+        if n_seq_max != 1 or kv_unified is not None or self.attention_recorder is not None:
             self._recreate_context(n_seq_max, kv_unified)
         self._scope_cache_removal_to_seq_0()
 
@@ -66,6 +78,15 @@ class Llama(llama_cpp.Llama):
     def from_model(cls, name_or_path: str, **kwargs: Any) -> Llama:
         """Load a model by registry name (e.g. 'gemma3-270m') or .gguf path."""
         return cls(str(resolve_model(name_or_path)), **kwargs)
+
+    def _make_recorder(self, window: int) -> AttentionRecorder:
+        model = self._model.model
+        n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
+        n_head_kv = max(1, int(llama_cpp.llama_model_n_head_kv(model)))
+        n_embd = int(llama_cpp.llama_model_n_embd(model))
+        head_k = self._fingerprint.hparam_int("attention.key_length", n_embd // n_head)
+        n_layer = int(llama_cpp.llama_model_n_layer(model))
+        return AttentionRecorder(n_layer, n_head * head_k, n_head_kv * head_k, window)
 
     def _recreate_context(self, n_seq_max: int, kv_unified: bool | None) -> None:
         # llama_cpp.Llama builds its context before a subclass can set these
@@ -202,6 +223,8 @@ class Llama(llama_cpp.Llama):
         # no longer describe them.
         if 0 in self._clean_until:
             self._clean_until[0] = min(self._clean_until[0], self.n_tokens)
+        if self.attention_recorder is not None:
+            self.attention_recorder.record_batch(0, self.n_tokens, len(tokens))
         super().eval(tokens)
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
@@ -263,6 +286,8 @@ class Llama(llama_cpp.Llama):
         n_past = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1
         if seq_id in self._clean_until:
             self._clean_until[seq_id] = min(self._clean_until[seq_id], n_past)
+        if self.attention_recorder is not None:
+            self.attention_recorder.record_batch(seq_id, n_past, len(tokens))
         batch = self._batch.batch
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]

@@ -9,6 +9,7 @@
 
 #include "codec.h"
 #include "ggml_types.h"
+#include "probe.h"
 #include "state.h"
 
 namespace py = pybind11;
@@ -195,6 +196,29 @@ py::array_t<float> hadamard(const F32Array& x, int64_t chunk) {
     return out;
 }
 
+std::unique_ptr<qkv::AttentionProbe> make_probe(const py::dict& functions, int n_layer, int64_t n_embd_q,
+                                               int64_t n_embd_k, int64_t window) {
+    qkv::GgmlFunctions fn;
+    auto address = [&functions](const char* name) -> uintptr_t {
+        if (!functions.contains(name)) throw std::invalid_argument(std::string("missing ggml function ") + name);
+        return functions[name].cast<uintptr_t>();
+    };
+    fn.get_name = reinterpret_cast<decltype(fn.get_name)>(address("ggml_get_name"));
+    fn.op_desc = reinterpret_cast<decltype(fn.op_desc)>(address("ggml_op_desc"));
+    fn.nelements = reinterpret_cast<decltype(fn.nelements)>(address("ggml_nelements"));
+    fn.nbytes = reinterpret_cast<decltype(fn.nbytes)>(address("ggml_nbytes"));
+    fn.is_contiguous = reinterpret_cast<decltype(fn.is_contiguous)>(address("ggml_is_contiguous"));
+    fn.tensor_get = reinterpret_cast<decltype(fn.tensor_get)>(address("ggml_backend_tensor_get"));
+    return std::make_unique<qkv::AttentionProbe>(fn, n_layer, n_embd_q, n_embd_k, window);
+}
+
+py::array_t<float> probe_rows(const qkv::AttentionProbe& probe, int il, bool keys) {
+    int64_t n_rows = 0;
+    std::vector<float> rows = probe.rows(il, keys, &n_rows);
+    const int64_t width = n_rows > 0 ? static_cast<int64_t>(rows.size()) / n_rows : 0;
+    return to_numpy(std::move(rows), {static_cast<py::ssize_t>(n_rows), static_cast<py::ssize_t>(width)});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -221,6 +245,21 @@ PYBIND11_MODULE(_native, m) {
           py::arg("v_trans"), py::arg("k_chunk") = 0, py::arg("v_chunk") = 0, py::arg("n_threads") = 0);
     m.def("hadamard", &hadamard, py::arg("x"), py::arg("chunk"));
     m.def("ggml_row_size", &qkv::ggml_row_size, py::arg("type"), py::arg("n"));
+
+    py::class_<qkv::AttentionProbe>(m, "AttentionProbe")
+        .def(py::init(&make_probe), py::arg("functions"), py::arg("n_layer"), py::arg("n_embd_q"), py::arg("n_embd_k"),
+             py::arg("window"))
+        .def_property_readonly_static(
+            "callback_address",
+            [](const py::object&) { return reinterpret_cast<uintptr_t>(&qkv::AttentionProbe::eval_callback); })
+        .def_property_readonly("address", [](qkv::AttentionProbe& p) { return reinterpret_cast<uintptr_t>(&p); })
+        .def_property("enabled", &qkv::AttentionProbe::enabled, &qkv::AttentionProbe::set_enabled)
+        .def_property_readonly("n_layer", &qkv::AttentionProbe::n_layer)
+        .def_property_readonly("window", &qkv::AttentionProbe::window)
+        .def("reset", &qkv::AttentionProbe::reset)
+        .def("total", &qkv::AttentionProbe::total, py::arg("layer"), py::arg("keys") = false)
+        .def("rows", &probe_rows, py::arg("layer"), py::arg("keys") = false)
+        .def_property_readonly("error", &qkv::AttentionProbe::error);
 
     m.attr("STATE_SEQ_MAGIC") = qkv::kStateSeqMagic;
     m.attr("LLAMA_CPP_LAYOUT") = qkv::kLlamaCppVersion;
