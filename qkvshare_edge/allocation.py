@@ -49,6 +49,14 @@ class RowGroup:
     # Bytes the group stores whatever the widths, such as the block headers of
     # the channel layout (charged in full even when a block ends up lossless).
     fixed_bytes: int = 0
+    # {width: (n_rows,) measured distortion of each row at that width}, on the
+    # scale of `distortion()`, or None to use the model for every row.
+    measured: dict[int, np.ndarray] | None = None
+
+    def distortions(self, bits: int) -> np.ndarray | float:
+        if self.measured is not None and bits in self.measured:
+            return self.measured[bits]
+        return distortion(bits)
 
     def row_bytes(self, bits: int, group_size: int) -> int:
         return self.sizes[bits] if self.sizes is not None else row_bytes(bits, self.n, group_size)
@@ -135,11 +143,18 @@ def allocate(
     for group, hull in zip(groups, hulls, strict=True):
         n_rows = group.scores.shape[0]
         row_ids = np.arange(row_offset, row_offset + n_rows)
+        previous_value: np.ndarray | None = None
         for k in range(len(hull) - 1):
             cost = group.row_bytes(hull[k + 1], group_size) - group.row_bytes(hull[k], group_size)
-            gain = distortion(hull[k]) - distortion(hull[k + 1])
+            gain = np.maximum(group.distortions(hull[k]) - group.distortions(hull[k + 1]), 0.0)
+            value = np.broadcast_to(group.scores * (gain / cost), (n_rows,))
+            if previous_value is not None:
+                # A row's later steps may not be worth more than its earlier ones, or
+                # the greedy pass could take a step without the one before it.
+                value = np.minimum(value, previous_value)
+            previous_value = value
             allowed = slice(None) if group.max_bits is None else group.max_bits >= hull[k + 1]
-            values.append((group.scores * (gain / cost))[allowed])
+            values.append(value[allowed])
             costs.append(np.full(n_rows, cost, dtype=np.int64)[allowed])
             rows.append(row_ids[allowed])
             steps.append(np.full(n_rows, k, dtype=np.int16)[allowed])

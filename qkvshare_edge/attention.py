@@ -63,7 +63,9 @@ class AttentionRecorder:
     """
 
     def __init__(self, n_layer: int, n_embd_q: int, n_embd_k: int, window: int = DEFAULT_WINDOW) -> None:
-        functions = {name: ctypes.cast(getattr(llama_lib._lib, name), ctypes.c_void_p).value for name in _GGML_FUNCTIONS}
+        functions = {
+            name: ctypes.cast(getattr(llama_lib._lib, name), ctypes.c_void_p).value for name in _GGML_FUNCTIONS
+        }
         self._probe = _native.AttentionProbe(functions, n_layer, n_embd_q, n_embd_k, window)
         self._probe.enabled = True
         self.window = window
@@ -72,7 +74,9 @@ class AttentionRecorder:
         self._rows: deque[tuple[int, int]] = deque(maxlen=window)
         self._n_recorded = 0
         # Kept alive while the context may call it.
-        self._callback = ctypes.cast(_native.AttentionProbe.callback_address, llama_cpp.ggml_backend_sched_eval_callback)
+        self._callback = ctypes.cast(
+            _native.AttentionProbe.callback_address, llama_cpp.ggml_backend_sched_eval_callback
+        )
 
     def attach(self, params: llama_cpp.llama_context_params) -> None:
         """Set the eval callback of `params`; the context created from them reports to this recorder."""

@@ -215,6 +215,87 @@ def card_inspect(path: Annotated[Path, typer.Argument(help="Card file.")]) -> No
     typer.echo(f"row widths:      {histogram}")
 
 
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the table (JSON).")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Registry name (see `qkvedge models`) or path to a .gguf file.")
+    ] = "gemma3-270m",
+    text: Annotated[
+        Path | None, typer.Option(help="Plain-text file cut into contexts (default: the demo text, repeated).")
+    ] = None,
+    context_tokens: Annotated[int, typer.Option(min=16, help="Tokens per context, BOS included.")] = 1024,
+    n_contexts: Annotated[int, typer.Option(min=1, help="Contexts averaged.")] = 2,
+    continuation_tokens: Annotated[int, typer.Option(min=1, help="Teacher-forced positions scored.")] = 64,
+    probe_bits: Annotated[int, typer.Option(help="Width of the one quantized part: 2, 3, 4 or 8.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads; 0 for every core.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+) -> None:
+    """Measure how much each cache layer's K and V matter, for the allocator's per-layer weights."""
+    from .demo import demo_context
+    from .llama import Llama
+    from .quality import Tokenizer, text_items
+    from .sensitivity import measure
+
+    _setup_logging(verbose)
+    if probe_bits not in (2, 3, 4, 8):
+        _fail(f"--probe-bits {probe_bits} is not a width below 16; use 2, 3, 4 or 8")
+    if text is not None and not text.is_file():
+        _fail(f"--text {text} is not a file; pass a plain-text file")
+    if out.parent and not out.parent.is_dir():
+        _fail(f"the folder of --out {out} does not exist; create it first")
+    try:
+        path = str(resolve_model(model))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    source = text.read_text(encoding="utf-8") if text is not None else demo_context()
+    tokenizer = Tokenizer(path)
+    try:
+        items = text_items(
+            tokenizer,
+            source,
+            n_context_tokens=context_tokens,
+            continuation_tokens=continuation_tokens,
+            n_contexts=n_contexts,
+            seed=0,
+            name=text.name if text is not None else "demo_context.txt",
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        tokenizer.close()
+    n_threads = threads or None
+    common: dict[str, object] = {
+        "n_ctx": context_tokens + continuation_tokens + 16,
+        "flash_attn": False,
+        "verbose": False,
+        "attention_window": 0,
+        "n_threads": n_threads,
+        "n_threads_batch": n_threads,
+    }
+    sender = Llama(path, **common)
+    receiver = Llama(path, logits_all=True, **common)
+    n_done = [0]
+
+    def progress(message: str) -> None:
+        n_done[0] += 1
+        logging.getLogger(__name__).info("%d: %s", n_done[0], message)
+
+    table = measure(sender, receiver, [(i.context, i.follow) for i in items], probe_bits=probe_bits, progress=progress)
+    table.notes = {
+        "model": Path(path).name,
+        "source": text.name if text is not None else "demo_context.txt",
+        "contexts": n_contexts,
+        "context_tokens": context_tokens,
+        "continuation_tokens": continuation_tokens,
+    }
+    table.save(out)
+    typer.echo(f"wrote {out}: KL at {probe_bits} bits per (section, layer, K/V)")
+    for s, section in enumerate(table.sections):
+        row = "  ".join(f"{j}:K{e['k']:.4f}/V{e['v']:.4f}" for j, e in enumerate(section))
+        typer.echo(f"section {s}: {row}")
+
+
 def _register_command_groups() -> None:
     # Imported here, at the end, so the modules can import helpers from this one.
     from . import agent_cli, bench, quality

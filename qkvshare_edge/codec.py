@@ -114,7 +114,9 @@ def channel_blocks(positions: np.ndarray, block: int) -> int:
     return int(ids.size and 1 + np.count_nonzero(ids[1:] != ids[:-1]))
 
 
-def encode_channel(x: np.ndarray, bits: np.ndarray, positions: np.ndarray, block: int, n_threads: int = 0) -> np.ndarray:
+def encode_channel(
+    x: np.ndarray, bits: np.ndarray, positions: np.ndarray, block: int, n_threads: int = 0
+) -> np.ndarray:
     """Encode rows in the channel layout (no rotation).
 
     Args:

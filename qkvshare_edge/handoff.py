@@ -21,6 +21,7 @@ import numpy as np
 
 from . import codec, state
 from .allocation import MAX_BUDGET_BITS, RowGroup, allocate
+from .allocation import distortion as model_distortion
 from .attention import attention_scores, match_layers
 from .card import MAX_K_BLOCK, CacheCard, CardLayer, CardSection, Provenance
 from .controllers import DEFAULT_CONTROLLER, Controller, LayerView, get_controller
@@ -32,6 +33,8 @@ from .errors import (
     StateFormatError,
 )
 from .fingerprint import ModelFingerprint
+from .sensitivity import LayerSensitivity
+from .sensitivity import bundled as bundled_sensitivity
 
 if TYPE_CHECKING:
     from .llama import Llama
@@ -48,6 +51,9 @@ DEFAULT_K_WEIGHT = 2.0
 # channel layout of the codec) unless the card is lossless.
 DEFAULT_K_LAYOUT = "channel"
 DEFAULT_K_BLOCK = 128
+# Per-row distortion for the allocator: "model" (1 / (2^w - 1)^2 for every
+# row) or "measured" (each row encoded at every width).
+DEFAULT_DISTORTION = "model"
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,8 @@ def export_card(
     k_weight: float = DEFAULT_K_WEIGHT,
     k_layout: str = DEFAULT_K_LAYOUT,
     k_block: int = DEFAULT_K_BLOCK,
+    distortion: str = DEFAULT_DISTORTION,
+    sensitivity: LayerSensitivity | str | None = "auto",
     hop: int | None = None,
     parent_sha256: str | None = None,
     previous: CacheCard | None = None,
@@ -139,6 +147,8 @@ def export_card(
         raise ValueError(f"k_weight must be a positive finite number, got {k_weight!r}")
     if k_layout not in ("row", "channel"):
         raise ValueError(f"k_layout must be 'row' or 'channel', got {k_layout!r}")
+    if distortion not in ("model", "measured"):
+        raise ValueError(f"distortion must be 'model' or 'measured', got {distortion!r}")
     if not 1 <= k_block <= MAX_K_BLOCK:
         raise ValueError(f"k_block must be in [1, {MAX_K_BLOCK}] positions, got {k_block!r}")
     if hop is None:
@@ -194,25 +204,44 @@ def export_card(
     # A lossless card keeps the row layout (f16 rows, readable as format version 1).
     if budget >= MAX_BUDGET_BITS or any(k.shape[1] % 8 for _, layers in ordered for k, _ in layers):
         k_layout = "row"
-    attention = _attention_per_layer(llm, seq_id, n_tokens, ordered) if getattr(score, "needs_attention", False) else None
+    attention = (
+        _attention_per_layer(llm, seq_id, n_tokens, ordered) if getattr(score, "needs_attention", False) else None
+    )
+    weights = _layer_weights(llm, sensitivity, [len(layers) for _, layers in ordered])
     groups = []
     for s_index, (pos, layers) in enumerate(ordered):
         n_blocks = codec.channel_blocks(pos, k_block)
         for j, (k, v) in enumerate(layers):
             view = LayerView(pos, k, v, n_tokens, attention[s_index][j] if attention is not None else None)
             k_scores, v_scores = score(view)
-            k_group = RowGroup(k.shape[1], np.asarray(k_scores, dtype=np.float64) * k_weight)
+            k_scores = np.asarray(k_scores, dtype=np.float64)
+            v_scores = np.asarray(v_scores, dtype=np.float64)
+            if weights is not None:
+                k_scores = _unit_mean(k_scores) * weights[s_index][j][0]
+                v_scores = _unit_mean(v_scores) * weights[s_index][j][1]
+            else:
+                k_scores = k_scores * k_weight
+            k_group = RowGroup(k.shape[1], k_scores)
             if k_layout == "channel":
                 n = k.shape[1]
                 k_group.sizes = {w: (2 * n if w == codec.LOSSLESS_WIDTH else n * w // 8) for w in codec.WIDTHS}
                 k_group.fixed_bytes = n_blocks * 4 * n
             groups.append(k_group)
-            groups.append(RowGroup(v.shape[1], np.asarray(v_scores, dtype=np.float64)))
+            groups.append(RowGroup(v.shape[1], v_scores))
     watch.lap("score")
     if group_size is None:
         group_size = codec.default_group_size([g.n for g in groups])
     # One rotation chunk for the whole card: the largest that divides every row.
     rotation_chunk = min(codec.default_rotation_chunk(g.n) for g in groups)
+    if distortion == "measured" and budget < MAX_BUDGET_BITS:
+        i = 0
+        for pos, layers in ordered:
+            for k, v in layers:
+                k_channel = (pos, k_block) if k_layout == "channel" else None
+                groups[2 * i].measured = _measure(k, k_channel, group_size, rotation_chunk, n_threads)
+                groups[2 * i + 1].measured = _measure(v, None, group_size, rotation_chunk, n_threads)
+                i += 1
+        watch.lap("measure")
     reuse = _reuse_limits(
         previous, previous_valid_until, ordered, token_array, group_size, rotation_chunk, k_layout, k_block
     )
@@ -265,6 +294,69 @@ def export_card(
     )
     logger.debug("export stages (ms): %s", timing.stages_ms)
     return card, timing
+
+
+def _unit_mean(scores: np.ndarray) -> np.ndarray:
+    mean = float(scores.mean()) if scores.size else 0.0
+    return scores / mean if mean > 0 and np.isfinite(mean) else np.ones_like(scores)
+
+
+def _layer_weights(
+    llm: Llama, sensitivity: LayerSensitivity | str | None, n_layers: list[int]
+) -> list[list[tuple[float, float]]] | None:
+    """Row weights from a sensitivity table: 'auto' (the bundled one, if any), a table or a path, or None."""
+    if sensitivity is None:
+        return None
+    if isinstance(sensitivity, str):
+        table = (
+            bundled_sensitivity(llm.fingerprint.model_id)
+            if sensitivity == "auto"
+            else LayerSensitivity.load(sensitivity)
+        )
+    else:
+        table = sensitivity
+    if table is None:
+        return None
+    if table.model_id != llm.fingerprint.model_id or not table.matches(n_layers):
+        if sensitivity == "auto":
+            return None
+        raise ValueError(
+            f"sensitivity table of model {table.model_id[:12]} with layers {[len(s) for s in table.sections]} "
+            f"does not fit this model ({llm.fingerprint.model_id[:12]}, layers {n_layers}); "
+            "measure one with `qkvedge calibrate`"
+        )
+    return table.row_weights()
+
+
+def _measure(
+    x: np.ndarray, channel: tuple[np.ndarray, int] | None, group_size: int, rotation_chunk: int, n_threads: int
+) -> dict[int, np.ndarray]:
+    """Squared error of each row of x at every width below 16, on the scale of `allocation.distortion`.
+
+    The group's mean error at 2 bits is set to the model's distortion(2), so
+    groups compare as in the model and only the spread between rows and the
+    ratios between widths come from the measurement.
+    """
+    errors = {}
+    for width in codec.WIDTHS:
+        if width == codec.LOSSLESS_WIDTH:
+            continue
+        bits = np.full(x.shape[0], width, dtype=np.uint8)
+        if channel is not None:
+            pos, block = channel
+            y = codec.decode_channel(
+                codec.encode_channel(x, bits, pos, block, n_threads), bits, pos, x.shape[1], block, n_threads
+            )
+        else:
+            payload = codec.encode(x, bits, group_size, n_threads, rotation_chunk)
+            y = codec.decode(payload, bits, x.shape[1], group_size, n_threads, rotation_chunk)
+        diff = (y - x).astype(np.float64)
+        errors[width] = np.einsum("ij,ij->i", diff, diff)
+    scale = float(errors[min(errors)].mean())
+    if not np.isfinite(scale) or scale <= 0:
+        return {w: np.full(x.shape[0], model_distortion(w)) for w in errors}
+    factor = model_distortion(min(errors)) / scale
+    return {w: e * factor for w, e in errors.items()}
 
 
 def _attention_per_layer(
@@ -422,7 +514,11 @@ def _splice_previous_blocks(
             continue
         # The old block must consist of exactly these rows.
         old_b = int(np.searchsorted(old_starts, mapped[0]))
-        if old_b >= old_starts.shape[0] - 1 or old_starts[old_b] != mapped[0] or old_starts[old_b + 1] != mapped[-1] + 1:
+        if (
+            old_b >= old_starts.shape[0] - 1
+            or old_starts[old_b] != mapped[0]
+            or old_starts[old_b + 1] != mapped[-1] + 1
+        ):
             continue
         if out is codes:
             out = codes.copy()

@@ -18,6 +18,7 @@ from .controllers import DEFAULT_CONTROLLER, Controller
 from .fingerprint import ModelFingerprint, fingerprint_model
 from .handoff import (
     DEFAULT_BUDGET_BITS,
+    DEFAULT_DISTORTION,
     DEFAULT_K_BLOCK,
     DEFAULT_K_LAYOUT,
     DEFAULT_K_WEIGHT,
@@ -26,6 +27,7 @@ from .handoff import (
     import_card,
 )
 from .models import resolve_model
+from .sensitivity import LayerSensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,8 @@ class Llama(llama_cpp.Llama):
         k_weight: float = DEFAULT_K_WEIGHT,
         k_layout: str = DEFAULT_K_LAYOUT,
         k_block: int = DEFAULT_K_BLOCK,
+        distortion: str = DEFAULT_DISTORTION,
+        sensitivity: LayerSensitivity | str | None = "auto",
         hop: int | None = None,
         parent_sha256: str | None = None,
         reuse_imported: bool = True,
@@ -157,12 +161,19 @@ class Llama(llama_cpp.Llama):
                 for seq_id 0 and is required for other sequences.
             group_size: elements per quantization group, a multiple of 8 dividing every
                 row; None picks 128, or the largest power of two dividing every row.
-            k_weight: importance of key rows relative to value rows.
+            k_weight: importance of key rows relative to value rows, when no
+                sensitivity table applies.
             k_layout: 'channel' (default) stores quantized keys with one range per
                 channel within blocks of `k_block` positions; 'row' stores them
                 like values (card format version 1, readable by qkvshare_edge 0.1).
                 Lossless cards (budget 16) always use 'row'.
             k_block: positions per key block of the channel layout.
+            distortion: how the allocator values a width for a row: 'model'
+                (the same for every row) or 'measured' (each row is encoded
+                at every width and its own error counts).
+            sensitivity: per-layer weights (see `sensitivity.py`): 'auto' uses
+                the table shipped for this model if there is one, a path or a
+                `LayerSensitivity` uses that table, None weighs every layer alike.
             hop: how many handoffs this card has made; default: 1, or one more
                 than the card this sequence was imported from.
             parent_sha256: SHA-256 of the parent card; default: the imported card's, if any.
@@ -185,6 +196,8 @@ class Llama(llama_cpp.Llama):
             k_weight=k_weight,
             k_layout=k_layout,
             k_block=k_block,
+            distortion=distortion,
+            sensitivity=sensitivity,
             hop=hop,
             parent_sha256=parent_sha256,
             previous=self._imported_cards.get(seq_id) if reuse_imported else None,
@@ -216,6 +229,15 @@ class Llama(llama_cpp.Llama):
         self.last_import_timing = import_card(self, card, seq_id=seq_id, replace=replace, n_threads=n_threads)
         self._imported_cards[seq_id] = card
         self._clean_until[seq_id] = int(card.positions[-1]) + 1
+
+    def clear_cache(self) -> None:
+        """Remove every sequence's cells from the KV cache, and forget imported cards and recorded queries."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        self.n_tokens = 0
+        self._imported_cards.clear()
+        self._clean_until.clear()
+        if self.attention_recorder is not None:
+            self.attention_recorder.reset()
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens into seq_id 0 after `n_tokens` (llama_cpp.Llama.eval)."""

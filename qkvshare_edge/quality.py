@@ -320,14 +320,31 @@ def parse_hops(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(hops)))
 
 
+# A controller entry NAME uses the product's defaults (per-layer weights from
+# the model's sensitivity table when one ships, keys weighted by the table or
+# by DEFAULT_K_WEIGHT); NAME:flat turns both off, so 'uniform:flat' stores
+# every K and V row at the same width.
+FLAT_SUFFIX = ":flat"
+
+
+def export_options(entry: str) -> tuple[str, dict[str, Any]]:
+    """Return the controller name and the extra export_card arguments of a controller entry."""
+    if entry.endswith(FLAT_SUFFIX):
+        return entry[: -len(FLAT_SUFFIX)], {"sensitivity": None, "k_weight": 1.0}
+    return entry, {}
+
+
 def parse_controllers(text: str, known: Sequence[str]) -> tuple[str, ...]:
-    """Parse 'uniform,key-norm' (or 'all') against the registered controller names."""
+    """Parse 'uniform:flat,key-norm' (or 'all') against the registered controller names."""
     if text.strip() == "all":
-        return tuple(known)
+        return ("uniform" + FLAT_SUFFIX, *known)
     names = _split(text, "controller")
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if export_options(n)[0] not in known]
     if unknown:
-        raise ValueError(f"unknown controller(s) {', '.join(unknown)}; choose from: {', '.join(known)} (or 'all')")
+        raise ValueError(
+            f"unknown controller(s) {', '.join(unknown)}; choose from: {', '.join(known)} (or 'all'), "
+            f"each optionally with {FLAT_SUFFIX!r}"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -393,10 +410,7 @@ class ItemResult:
 
 
 def _clear(llm: Llama) -> None:
-    import llama_cpp
-
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-    llm.n_tokens = 0
+    llm.clear_cache()
 
 
 class QualityRunner:
@@ -496,9 +510,12 @@ class QualityRunner:
     def _export(self, llm: Llama, chain: _Chain, hop: int, parent_sha256: str) -> None:
         from .errors import BudgetError
 
-        controller = LOSSLESS_CONTROLLER if chain.controller == LOSSLESS_NAME else chain.controller
+        controller, options = export_options(
+            LOSSLESS_CONTROLLER if chain.controller == LOSSLESS_NAME else chain.controller
+        )
         try:
             card = llm.export_card(
+                **options,
                 budget=chain.budget,
                 controller=controller,
                 hop=hop,
@@ -1080,7 +1097,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         budgets: Annotated[str, typer.Option(help="Budgets in bits per element, comma-separated.")] = DEFAULT_BUDGETS,
         controllers: Annotated[
-            str, typer.Option(help="Controllers, comma-separated, or 'all' for every registered one.")
+            str,
+            typer.Option(
+                help="Controllers, comma-separated: NAME, or NAME:flat without per-layer and K/V weights; "
+                "'all' for uniform:flat and every registered one."
+            ),
         ] = "all",
         hops: Annotated[str, typer.Option(help="Hop counts to report, comma-separated.")] = DEFAULT_HOPS,
         continuation_tokens: Annotated[

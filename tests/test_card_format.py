@@ -522,7 +522,9 @@ def test_golden_v2_keys_decode_per_spec() -> None:
     for s, section in enumerate(card.sections):
         for j, layer in enumerate(section.layers):
             k, _ = card.decode_layer(s, j, n_threads=1)
-            expected = _decode_channel_per_spec(layer.k_codes.tobytes(), layer.k_bits, section.positions, layer.n_embd_k)
+            expected = _decode_channel_per_spec(
+                layer.k_codes.tobytes(), layer.k_bits, section.positions, layer.n_embd_k
+            )
             np.testing.assert_array_equal(expected, k, err_msg=f"section {s} layer {j} K")
 
 

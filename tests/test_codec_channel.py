@@ -6,7 +6,7 @@ import codec_reference as ref
 import numpy as np
 import numpy.typing as npt
 import pytest
-from test_codec import INPUTS, float_bits, float_difference, first_difference, make_rows
+from test_codec import INPUTS, first_difference, float_bits, float_difference, make_rows
 
 from qkvshare_edge import _native, codec
 

@@ -7,7 +7,6 @@ import pytest
 
 from qkvshare_edge import CacheCard
 
-
 # Small key blocks, so that most blocks of the first card are unchanged in the second.
 K_BLOCK = 16
 
@@ -17,9 +16,7 @@ def two_hops(
 ) -> tuple[CacheCard, CacheCard]:
     sender = new_llama(gemma3_path, flash_attn=False)
     sender.eval(text_tokens[:100])
-    first = CacheCard.from_bytes(
-        sender.export_card(budget=budget_1, k_layout=k_layout, k_block=K_BLOCK).to_bytes()
-    )
+    first = CacheCard.from_bytes(sender.export_card(budget=budget_1, k_layout=k_layout, k_block=K_BLOCK).to_bytes())
     receiver = new_llama(gemma3_path, flash_attn=False)
     receiver.import_card(first)
     receiver.eval(text_tokens[100:110])
