@@ -30,9 +30,10 @@ def main(out: Path) -> None:
                 llm.eval(tokens)
                 tag = f"{name}-{'fa' if flash_attn else 'nofa'}"
                 (out / "state" / f"{tag}.bin").write_bytes(state.read_seq_state(llm.ctx, 0))
-                for budget in (3.5, 16.0):
-                    card = llm.export_card(budget=budget, group_size=32)
-                    (out / "card" / f"{tag}-b{budget:g}.qkvc").write_bytes(card.to_bytes())
+                # Format version 1 (keys by row, and lossless) and version 2 (keys by channel).
+                for budget, k_layout in ((3.5, "row"), (16.0, "row"), (8.0, "channel")):
+                    card = llm.export_card(budget=budget, group_size=32, k_layout=k_layout, k_block=8)
+                    (out / "card" / f"{tag}-b{budget:g}-{k_layout}.qkvc").write_bytes(card.to_bytes())
                 llm.close()
 
 

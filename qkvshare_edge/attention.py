@@ -180,16 +180,19 @@ def attention_scores(
     Returns:
         (n_k,) float64, 1.0 for a token that every query attends to as much as to any other.
     """
-    n_q = queries.shape[0]
     head_dim = queries.shape[1] // n_head
     n_head_kv = keys.shape[1] // head_dim
     group = n_head // n_head_kv
-    q = queries.reshape(n_q, n_head, head_dim)
+    q = queries.reshape(queries.shape[0], n_head, head_dim)
     k = keys.reshape(keys.shape[0], n_head_kv, head_dim)
     distance = query_positions[:, None].astype(np.int64) - key_positions[None, :].astype(np.int64)
     visible = distance >= 0
     if window > 0:
         visible &= distance < window
+    # A query that sees none of these keys (a window cache that no longer holds
+    # its cells) says nothing about them.
+    sees = visible.any(axis=1)
+    q, visible = q[sees], visible[sees]
     n_visible = visible.sum(axis=1, keepdims=True)
     total = np.zeros(keys.shape[0], dtype=np.float64)
     scale = np.float32(1.0 / np.sqrt(head_dim))

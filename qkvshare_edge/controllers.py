@@ -104,7 +104,7 @@ CONTROLLERS: dict[str, Controller] = {
     "key-norm": key_norm,
     "attention": attention,
 }
-DEFAULT_CONTROLLER = "sink-recent"
+DEFAULT_CONTROLLER = "attention"
 
 
 def get_controller(name: str) -> Controller:

@@ -216,6 +216,13 @@ def export_card(
             k_scores, v_scores = score(view)
             k_scores = np.asarray(k_scores, dtype=np.float64)
             v_scores = np.asarray(v_scores, dtype=np.float64)
+            for part, scores in (("key", k_scores), ("value", v_scores)):
+                if scores.shape != pos.shape or not np.all(np.isfinite(scores)) or np.any(scores < 0):
+                    raise ValueError(
+                        f"controller {controller_name!r} returned {part} scores of shape {scores.shape} for "
+                        f"{pos.shape[0]} rows, or a negative or non-finite score; it must return one "
+                        "finite score >= 0 per row"
+                    )
             if weights is not None:
                 k_scores = _unit_mean(k_scores) * weights[s_index][j][0]
                 v_scores = _unit_mean(v_scores) * weights[s_index][j][1]

@@ -1,6 +1,7 @@
 // Standalone checks of the f16 conversions and the K/V codec. Built with
 // -DQKV_BUILD_TESTS=ON, and meant to run under -DQKV_SANITIZE=ON as well.
 // Prints each failure and exits non-zero if any check failed.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -381,6 +382,67 @@ void test_errors() {
 
 }  // namespace
 
+// Channel layout: a known block, round trips with mixed widths and gaps in the
+// positions on 1 and 4 threads, arbitrary payload bytes, and argument checks.
+void test_channel_layout() {
+    // One block of two rows, n = 8: channel c holds c and c + 2 (range 2), at 2 bits.
+    std::vector<float> x(16);
+    for (int c = 0; c < 8; ++c) {
+        x[static_cast<size_t>(c)] = static_cast<float>(c);
+        x[static_cast<size_t>(8 + c)] = static_cast<float>(c + 2);
+    }
+    const std::vector<uint8_t> bits = {2, 2};
+    const std::vector<int32_t> pos = {0, 1};
+    const size_t size = qkv::codec_channel_bytes(2, 8, bits.data(), pos.data(), 4);
+    check(size == 4 * 8 + 2 * 2, "channel bytes of one block");
+    std::vector<uint8_t> out(size);
+    qkv::codec_channel_encode(x.data(), 2, 8, bits.data(), pos.data(), 4, out.data(), out.size(), 1);
+    std::vector<float> y(16);
+    qkv::codec_channel_decode(out.data(), out.size(), 2, 8, bits.data(), pos.data(), 4, y.data(), 1);
+    check(y == x, "channel round trip of exactly representable values");
+    check(out[32] == 0x00 && out[33] == 0x00 && out[34] == 0xff && out[35] == 0xff, "channel codes 0 and 3");
+
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    const int64_t n = 64, rows = 300;
+    std::vector<float> big(static_cast<size_t>(rows * n));
+    for (auto& v : big) v = normal(rng);
+    std::vector<uint8_t> widths(static_cast<size_t>(rows));
+    std::vector<int32_t> positions(static_cast<size_t>(rows));
+    static const uint8_t kWidths[] = {2, 3, 4, 8, 16};
+    int32_t p = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        widths[static_cast<size_t>(r)] = kWidths[rng() % 5];
+        p += 1 + static_cast<int32_t>(rng() % 3);
+        positions[static_cast<size_t>(r)] = p;
+    }
+    const size_t total = qkv::codec_channel_bytes(rows, n, widths.data(), positions.data(), 32);
+    std::vector<uint8_t> one(total), four(total);
+    qkv::codec_channel_encode(big.data(), rows, n, widths.data(), positions.data(), 32, one.data(), total, 1);
+    qkv::codec_channel_encode(big.data(), rows, n, widths.data(), positions.data(), 32, four.data(), total, 4);
+    check(one == four, "channel encode does not depend on the thread count");
+    std::vector<float> back(big.size());
+    qkv::codec_channel_decode(one.data(), total, rows, n, widths.data(), positions.data(), 32, back.data(), 4);
+    float worst = 0.0f;
+    for (size_t i = 0; i < big.size(); ++i) worst = std::max(worst, std::fabs(back[i] - big[i]));
+    check(worst < 12.0f, "channel round trip error stays within the block range");
+
+    for (auto& b : one) b = static_cast<uint8_t>(rng());
+    qkv::codec_channel_decode(one.data(), total, rows, n, widths.data(), positions.data(), 32, back.data(), 2);
+
+    const std::vector<int32_t> descending = {1, 0};
+    expect_invalid_argument("channel positions descending", "ascending", [&] {
+        qkv::codec_channel_bytes(2, 8, bits.data(), descending.data(), 4);
+    });
+    expect_invalid_argument("channel block zero", "block", [&] { qkv::codec_channel_bytes(2, 8, bits.data(), pos.data(), 0); });
+    expect_invalid_argument("channel n not a multiple of 8", "multiple of 8", [&] {
+        qkv::codec_channel_bytes(2, 12, bits.data(), pos.data(), 4);
+    });
+    expect_invalid_argument("channel payload size", "payload has", [&] {
+        qkv::codec_channel_decode(out.data(), out.size() - 1, 2, 8, bits.data(), pos.data(), 4, y.data(), 1);
+    });
+}
+
 int main() {
     test_fp16_known_values();
     test_fp16_round_trip_all_halves();
@@ -391,6 +453,7 @@ int main() {
     test_thread_count_invariance();
     test_non_finite_and_arbitrary_input();
     test_errors();
+    test_channel_layout();
     std::printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }
