@@ -27,12 +27,13 @@ from qkvshare_edge import (
     state,
 )
 from qkvshare_edge import codec as card_codec
+from qkvshare_edge.controllers import DEFAULT_CONTROLLER
 
 # Context length of most senders: longer than gemma3's sliding window of 32.
 N_CONTEXT = 150
 N_FOLLOW_UP = 3
 LOSSLESS_BUDGET = 16.0
-CONTROLLER_NAMES = ("uniform", "sink-recent", "key-norm")
+CONTROLLER_NAMES = ("uniform", "sink-recent", "key-norm", "attention")
 MODELS = ("llama", "gemma3")
 FLASH_ATTN = [pytest.param(True, id="fa-on"), pytest.param(False, id="fa-off")]
 
@@ -916,7 +917,7 @@ def test_card_flipped_byte_raises(saved_card: Path) -> None:
 def test_card_flipped_header_byte_raises(saved_card: Path) -> None:
     data = bytearray(saved_card.read_bytes())
     # The controller name is metadata, which only the header checksum covers.
-    at = data.index(b"sink-recent")
+    at = data.index(DEFAULT_CONTROLLER.encode())
     data[at] = ord("S")
     saved_card.write_bytes(bytes(data))
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from qkvshare_edge.agents import load_agents
 from qkvshare_edge.chat import AgentPool
 from qkvshare_edge.cli import app
+from qkvshare_edge.controllers import DEFAULT_CONTROLLER
 from qkvshare_edge.pipeline import PipelineFileError, PipelineHopError, load_pipeline, run_pipeline
 from qkvshare_edge.server import AgentService, start_server, stop_server
 
@@ -192,7 +193,7 @@ def test_pipeline_command_prints_hops(folder: Path) -> None:
     hop_lines = [line for line in lines if line.startswith("hop ")]
     assert len(hop_lines) == 3
     assert hop_lines[1].startswith("hop 2 b (card from a): context ")
-    assert " bytes (budget 8, sink-recent, hop 1)" in hop_lines[1]
+    assert f" bytes (budget 8, {DEFAULT_CONTROLLER}, hop 1)" in hop_lines[1]
     assert "TTFT" in hop_lines[2]
     assert any(line.startswith("  | ") for line in lines)
 
