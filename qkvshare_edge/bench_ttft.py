@@ -70,6 +70,8 @@ TARGET_CARD_OVER_STATE = 1.15
 TARGET_EXPORT_MS_8K = 60.0
 TARGET_EXPORT_CONTEXT = 8192
 TARGET_MEMORY_OVER_KV = 2.0
+# The default card's export (adaptive controller) against re-prefilling the context, at 8K tokens.
+TARGET_EXPORT_OVER_PREFILL = 0.25
 
 REPREFILL = "reprefill"
 STATE = "state"
@@ -866,6 +868,19 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                             "met": value <= TARGET_EXPORT_MS_8K,
                         }
                     )
+        if n == TARGET_EXPORT_CONTEXT and CARD_DEFAULT in ctx["paths"] and REPREFILL in ctx["paths"]:
+            prefill_ms = ctx["paths"][REPREFILL]["stages_ms_median"].get("prefill_context") or ctx["sender_prefill_ms"]
+            ratio = ctx["paths"][CARD_DEFAULT]["export"]["total_ms_median"] / prefill_ms
+            targets.append(
+                {
+                    "target": f"8K export of the default card ({DEFAULT_CONTROLLER}) <= 25% of re-prefill",
+                    "context": n,
+                    "path": CARD_DEFAULT,
+                    "value": ratio,
+                    "limit": TARGET_EXPORT_OVER_PREFILL,
+                    "met": ratio <= TARGET_EXPORT_OVER_PREFILL,
+                }
+            )
         memory = ctx.get("memory")
         if memory:
             for key, label in (("card_export", "export"), ("card_import", "import")):

@@ -231,3 +231,20 @@ def test_codec_bench_matches_reference(tmp_path: Path) -> None:
     report = (out / "codec.md").read_text()
     for name in data["workloads"]:
         assert f"| {name} |" in report
+
+
+def test_export_over_prefill_target() -> None:
+    from qkvshare_edge import bench_ttft
+
+    card = {"kind": "card", "ratio_to_state": 1.0, "export": {"total_ms_median": 500.0}}
+    reprefill = {"kind": "reprefill", "stages_ms_median": {"prefill_context": 4000.0}}
+    result = {
+        "contexts": [
+            {"n_tokens": 8192, "sender_prefill_ms": 3900.0, "paths": {"reprefill": reprefill, "card-default": card}}
+        ]
+    }
+    targets = bench_ttft.evaluate_targets(result)
+    over = [t for t in targets if t["limit"] == bench_ttft.TARGET_EXPORT_OVER_PREFILL]
+    assert len(over) == 1
+    assert over[0]["value"] == pytest.approx(0.125)
+    assert over[0]["met"]
