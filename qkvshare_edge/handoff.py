@@ -45,7 +45,8 @@ DEFAULT_BUDGET_BITS = 4.0
 # Keys are more sensitive to quantization than values. On Gemma 3 270M
 # (1024-token context, rotated rows, groups of 128), 3-bit keys with 3-bit
 # values gave a mean KL of 0.54, and 4-bit keys with 2-bit values 0.017.
-# So key rows get twice the importance of value rows of the same token.
+# So key rows get twice the importance of value rows of the same token,
+# unless a sensitivity table weighs keys and values layer by layer.
 DEFAULT_K_WEIGHT = 2.0
 # Keys are stored per channel within blocks of this many positions (the
 # channel layout of the codec) unless the card is lossless.
