@@ -2,9 +2,9 @@
 
 `AttentionRecorder` hooks llama.cpp's eval callback (the `cb_eval` context
 parameter) with a native observer that keeps, per layer, the last `window`
-query rows and key rows after RoPE ("Qcur-<il>" and "Kcur-<il>"). It sees
-them with flash attention on or off, since both are computed before the
-attention itself. The Python side logs which (sequence, position) each
+query rows and key rows after RoPE ("Qcur-<il>" and "Kcur-<il>"). The
+callback receives them with flash attention on or off, because both are
+computed before the attention itself. The Python side logs which (sequence, position) each
 decoded row belongs to.
 
 At export, `attention_scores` recomputes the softmax of those queries over
@@ -13,7 +13,8 @@ score per token: the attention the token receives, averaged over queries and
 heads, with each query's weights multiplied by the number of keys it sees,
 so a token is not favoured just because more queries can see it (a query
 that attends uniformly gives every visible token 1). On Gemma 3 270M with a
-1024-token context and 32 queries this takes about XX ms per export.
+1024-token context and 32 queries, the scoring stage of an export took 28 ms
+against 1.5 ms for `uniform` (1 thread, 2-core AMD EPYC running other work).
 
 Cost while decoding: the callback copies `window` rows per layer and ubatch
 and splits the graph at the observed nodes.
@@ -97,9 +98,9 @@ class AttentionRecorder:
     def layers(self, seq_id: int, n_positions: int) -> list[LayerQueries] | None:
         """Return the kept rows of `seq_id` at positions below `n_positions`, per model layer.
 
-        Returns None when nothing was kept for the sequence, or when the rows
-        seen do not match the decodes logged (a decode outside this wrapper,
-        or a failed one); the recorder then starts over.
+        Returns None when nothing was kept for the sequence. Also returns None
+        when the rows captured do not match the decodes logged (a decode
+        outside this wrapper, or a failed one), and the recorder starts over.
         """
         error = self._probe.error
         totals = {self._probe.total(il, keys) for il in range(self.n_layer) for keys in (False, True)}
@@ -189,8 +190,8 @@ def attention_scores(
     visible = distance >= 0
     if window > 0:
         visible &= distance < window
-    # A query that sees none of these keys (a window cache that no longer holds
-    # its cells) says nothing about them.
+    # A query with none of these keys in its view (a window cache that no longer
+    # contains its cells) gives no information about them.
     sees = visible.any(axis=1)
     q, visible = q[sees], visible[sees]
     n_visible = visible.sum(axis=1, keepdims=True)

@@ -79,6 +79,7 @@ bool AttentionProbe::observe(ggml_tensor* t, bool ask) noexcept {
     bool keys = false;
     const int il = match(t, &keys);
     if (ask) return il >= 0;
+
     // Returning false would cancel the graph compute, so every path below returns true.
     if (il < 0) return true;
     Ring& r = keys ? keys_[static_cast<size_t>(il)] : queries_[static_cast<size_t>(il)];
@@ -90,6 +91,7 @@ bool AttentionProbe::observe(ggml_tensor* t, bool ask) noexcept {
         }
         return true;
     }
+
     const int64_t n_rows = n / r.width;
     const int64_t keep = std::min(n_rows, window_);
     try {

@@ -1,7 +1,7 @@
-// Observes llama.cpp's compute graph through its eval callback and keeps the
+// Observes llama.cpp's compute graph through its eval callback. It keeps the
 // last rows of each layer's queries and keys after RoPE ("Qcur-<il>" and
-// "Kcur-<il>", op ROPE), so the attention controller can compute how much
-// attention recent queries give each cached token.
+// "Kcur-<il>", op ROPE), from which the attention controller computes how
+// much attention recent queries give each cached token.
 //
 // ggml_tensor stays opaque here: ggml's own exported functions, passed in
 // as pointers, read the name, op, size and data. Nothing depends on the
