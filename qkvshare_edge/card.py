@@ -29,8 +29,8 @@ from .gguf_reader import TENSOR_TYPE_NAMES, GGUFFormatError, read_gguf
 logger = logging.getLogger(__name__)
 
 # Version 2 adds the channel layout of keys (`cachecard.k_layout`). A card
-# whose keys use the row layout is written as version 1, which older readers
-# accept; a channel-layout card is version 2, which they refuse by version.
+# whose keys use the row layout is written as version 1, so older readers
+# accept it. A channel-layout card is version 2, and they reject it by version.
 CARD_FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 K_LAYOUTS = ("row", "channel")

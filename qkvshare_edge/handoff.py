@@ -380,7 +380,7 @@ def _attention_per_layer(
     n_swa = int(llama_cpp.llama_model_n_swa(llm.model))
     out: list[list[np.ndarray | None]] = []
     for s_index, (pos, layers) in enumerate(ordered):
-        # With two caches (iSWA), the second one holds the sliding-window layers.
+        # With two caches (iSWA), the second one contains the sliding-window layers.
         window = n_swa if len(ordered) == 2 and s_index == 1 else 0
         mapping = match_layers(recorded, pos, [k for k, _ in layers])
         scores: list[np.ndarray | None] = []

@@ -320,10 +320,10 @@ def parse_hops(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(hops)))
 
 
-# A controller entry NAME uses the product's defaults (per-layer weights from
-# the model's sensitivity table when one ships, keys weighted by the table or
-# by DEFAULT_K_WEIGHT); NAME:flat turns both off, so 'uniform:flat' stores
-# every K and V row at the same width.
+# A controller entry NAME uses the product's defaults: per-layer weights from
+# the model's sensitivity table when one ships, or else keys weighted by
+# DEFAULT_K_WEIGHT. NAME:flat turns both off, so 'uniform:flat' stores every
+# K and V row at the same width.
 FLAT_SUFFIX = ":flat"
 
 

@@ -43,7 +43,7 @@ def test_scores_match_loops(n_head: int, n_head_kv: int, window: int) -> None:
 
 
 def test_uniform_attention_scores_one() -> None:
-    # Zero queries attend uniformly: every visible key scores 1, keys nobody sees score 0.
+    # Zero queries attend uniformly: every visible key scores 1, and a key outside every view scores 0.
     q = np.zeros((2, 16), dtype=np.float32)
     k = np.ones((6, 16), dtype=np.float32)
     scores = attention_scores(q, np.array([3, 4]), k, np.arange(6), n_head=2)
@@ -71,7 +71,7 @@ def test_recorder_keeps_last_rows_and_maps_layers(new_llama, gemma3_path, text_t
     assert recorded is not None and len(recorded) == llm.attention_recorder.n_layer
     np.testing.assert_array_equal(recorded[0].positions, np.arange(45, 53))
 
-    # Each cache layer holds the keys of exactly one model layer: full-attention
+    # Each cache layer contains the keys of exactly one model layer: full-attention
     # layers in the first section, sliding-window layers in the second.
     sections = state.parse_seq_state(state.read_seq_state(llm.ctx, 0), context_layout(llm))
     swa = gemma3_swa_layers(len(recorded))
@@ -81,7 +81,7 @@ def test_recorder_keeps_last_rows_and_maps_layers(new_llama, gemma3_path, text_t
         assert mapping == layers
         last = int(np.searchsorted(section.pos, 52))
         for layer, il in zip(section.layers, mapping, strict=True):
-            # The cache holds the recorded key rounded to f16.
+            # The cache contains the recorded key rounded to f16.
             np.testing.assert_allclose(layer.k[last], recorded[il].keys[-1], rtol=2e-3, atol=2e-3)
 
 
@@ -138,7 +138,7 @@ def test_attention_window_negative_raises(gemma3_path) -> None:
 
 
 def test_queries_that_see_no_key_are_skipped() -> None:
-    # A window cache holds positions 10..13; a query at 2 sees none of them.
+    # A window cache contains positions 10..13, none of them in the view of a query at 2.
     q = np.ones((2, 8), dtype=np.float32)
     k = np.ones((4, 8), dtype=np.float32)
     scores = attention_scores(q, np.array([2, 13]), k, np.arange(10, 14), n_head=1, window=8)

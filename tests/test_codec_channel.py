@@ -98,8 +98,8 @@ def test_error_within_half_step(bits: int) -> None:
 
 
 def test_per_channel_beats_per_row_on_outlier_channels() -> None:
-    # Keys have a few channels with a large range in every token; one range per
-    # channel fits them, while one range per row group spends its levels on them.
+    # Keys have a few channels far from the rest in every token. One range per
+    # channel fits them, but one range per row group spends its levels on them.
     rng = np.random.default_rng(0)
     n, n_rows = 128, 128
     x = rng.standard_normal((n_rows, n)).astype(F32)

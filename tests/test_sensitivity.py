@@ -32,7 +32,8 @@ def test_table_round_trip_and_weights(tmp_path: Path) -> None:
     assert weights[0][0] == (pytest.approx(0.004), pytest.approx(0.001))
     # A layer measured at 0 keeps a floor.
     assert weights[1][0] == (pytest.approx(SENSITIVITY_FLOOR * mean), pytest.approx(0.004))
-    assert loaded.matches([1, 1]) and not loaded.matches([2])
+    assert loaded.matches([1, 1])
+    assert not loaded.matches([2])
 
 
 @pytest.mark.parametrize(
@@ -76,7 +77,8 @@ def test_measure_and_export_with_table(new_llama, gemma3_path, text_tokens) -> N
     sender.eval(text_tokens[:100])
     with_table = sender.export_card(budget=3.0, controller="uniform", sensitivity=table)
     flat = sender.export_card(budget=3.0, controller="uniform", sensitivity=None)
-    assert with_table.bits_per_element <= 3.0 and flat.bits_per_element <= 3.0
+    assert with_table.bits_per_element <= 3.0
+    assert flat.bits_per_element <= 3.0
     # The table moves bits between layers; without it every layer's K gets the same widths.
     k_means = [float(layer.k_bits.mean()) for s in with_table.sections for layer in s.layers]
     assert max(k_means) > min(k_means)
@@ -96,9 +98,11 @@ def test_calibrate_command(tmp_path: Path, gemma3_path: Path) -> None:
     assert "section 1:" in result.output
 
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x.json"), "--probe-bits", "5"])
-    assert result.exit_code == 1 and "--probe-bits 5" in result.output
+    assert result.exit_code == 1
+    assert "--probe-bits 5" in result.output
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "missing" / "x.json")])
-    assert result.exit_code == 1 and "does not exist" in result.output
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
 
 
 def test_flat_controller_entries() -> None:

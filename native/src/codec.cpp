@@ -376,7 +376,11 @@ struct ChannelSteps {
     std::vector<float> inverse[4];
 };
 
-int width_slot(int bits) noexcept { return bits == 2 ? 0 : bits == 3 ? 1 : bits == 4 ? 2 : 3; }
+// Index of a width below 16 in ChannelSteps: 2, 3, 4, 8 -> 0, 1, 2, 3.
+int width_slot(int bits) noexcept {
+    if (bits == 8) return 3;
+    return bits - 2;
+}
 
 void channel_steps(const uint8_t* header, int64_t n, ChannelSteps& s) noexcept {
     static const int kWidths[4] = {2, 3, 4, 8};
