@@ -51,7 +51,7 @@ from . import __version__, codec
 from .card import CacheCard
 from .controllers import DEFAULT_CONTROLLER
 from .demo import DEMO_QUESTION, build_context_tokens
-from .handoff import DEFAULT_BUDGET_BITS
+from .handoff import DEFAULT_BUDGET_BITS, DEFAULT_K_BLOCK
 from .llama import Llama
 
 logger = logging.getLogger(__name__)
@@ -392,15 +392,18 @@ def _summarize(samples: list[Sample], stage_names: tuple[str, ...]) -> dict[str,
 
 
 def minimum_budget(card: CacheCard, group_size: int) -> float:
-    """Return the smallest budget that the allocator accepts for this card's rows (every row at 2 bits)."""
+    """Return the smallest budget that the allocator accepts for this card's rows (every row at 2 bits).
+
+    Keys are counted in the default channel layout, block headers included.
+    """
     narrowest = min(codec.WIDTHS)
     payload = 0
     for section in card.sections:
+        bits = np.full(section.n_cells, narrowest, dtype=np.uint8)
         for layer in section.layers:
-            per_row = codec.row_bytes(narrowest, layer.n_embd_k, group_size) + codec.row_bytes(
-                narrowest, layer.n_embd_v, group_size
-            )
-            payload += section.n_cells * (per_row + 2)  # one width tag per K row and per V row
+            k_bytes = codec.channel_bytes(bits, section.positions, layer.n_embd_k, DEFAULT_K_BLOCK)
+            v_bytes = codec.row_bytes(narrowest, layer.n_embd_v, group_size) * section.n_cells
+            payload += k_bytes + v_bytes + 2 * section.n_cells  # one width tag per K row and per V row
     # Rounded up to 1/1000 bit so the allocator's integer byte budget covers every row.
     return math.ceil(8000.0 * payload / card.n_elements) / 1000.0
 
