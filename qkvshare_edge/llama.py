@@ -153,9 +153,9 @@ class Llama(llama_cpp.Llama):
                 and width tags; 16 stores every row as f16 (lossless for f16
                 caches). The smallest budget is 2.28 bits with groups of 128
                 on rows of 256 elements (BudgetError names it otherwise).
-            controller: importance controller name ('uniform', 'sink-recent',
-                'key-norm'), or any callable that maps a `LayerView` to per-row
-                key and value scores.
+            controller: importance controller name ('attention', 'uniform',
+                'sink-recent', 'key-norm'), or any callable that maps a
+                `LayerView` to per-row key and value scores.
             seq_id: the sequence to export.
             tokens: token ids by position; defaults to this wrapper's tokens
                 for seq_id 0 and is required for other sequences.
