@@ -194,8 +194,12 @@ def attention_scores(
     # contains its cells) gives no information about them.
     sees = visible.any(axis=1)
     q, visible = q[sees], visible[sees]
+    # Keys outside every query's view (the older cells of a window layer) score 0
+    # without entering the products.
+    seen_keys = np.flatnonzero(visible.any(axis=0))
+    k, visible = k[seen_keys], visible[:, seen_keys]
     n_visible = visible.sum(axis=1, keepdims=True)
-    total = np.zeros(keys.shape[0], dtype=np.float64)
+    total = np.zeros(seen_keys.shape[0], dtype=np.float64)
     scale = np.float32(1.0 / np.sqrt(head_dim))
     for h in range(n_head):
         logits = (q[:, h] @ k[:, h // group].T) * scale
@@ -204,5 +208,6 @@ def attention_scores(
         weights = np.exp(logits)
         weights /= weights.sum(axis=1, keepdims=True)
         total += (weights * n_visible).sum(axis=0)
-    seen = np.maximum(visible.sum(axis=0), 1)
-    return total / (n_head * seen)
+    scores = np.zeros(keys.shape[0], dtype=np.float64)
+    scores[seen_keys] = total / (n_head * np.maximum(visible.sum(axis=0), 1))
+    return scores
