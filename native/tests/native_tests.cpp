@@ -14,6 +14,7 @@
 
 #include "codec.h"
 #include "fp16.h"
+#include "probe.h"
 
 namespace {
 
@@ -380,8 +381,6 @@ void test_errors() {
     expect_invalid_argument("n zero", "0", [] { qkv::codec_row_bytes(8, 0, 32); });
 }
 
-}  // namespace
-
 // Channel layout: a known block, round trips with mixed widths and gaps in the
 // positions on 1 and 4 threads, arbitrary payload bytes, and argument checks.
 void test_channel_layout() {
@@ -443,6 +442,74 @@ void test_channel_layout() {
     });
 }
 
+}  // namespace
+
+// A stand-in for ggml's tensor: the probe only sees it through the functions below.
+struct ggml_tensor {
+    std::string name;
+    std::string op;
+    std::vector<float> data;
+};
+
+namespace {
+
+const char* fake_name(const ggml_tensor* t) { return t->name.c_str(); }
+const char* fake_op(const ggml_tensor* t) { return t->op.c_str(); }
+int64_t fake_nelements(const ggml_tensor* t) { return static_cast<int64_t>(t->data.size()); }
+size_t fake_nbytes(const ggml_tensor* t) { return t->data.size() * sizeof(float); }
+bool fake_contiguous(const ggml_tensor*) { return true; }
+void fake_get(const ggml_tensor* t, void* dst, size_t offset, size_t size) {
+    std::memcpy(dst, reinterpret_cast<const char*>(t->data.data()) + offset, size);
+}
+
+// The attention probe: which tensors it asks for, its ring of the last rows, and its checks.
+void test_attention_probe() {
+    qkv::GgmlFunctions fn;
+    fn.get_name = fake_name;
+    fn.op_desc = fake_op;
+    fn.nelements = fake_nelements;
+    fn.nbytes = fake_nbytes;
+    fn.is_contiguous = fake_contiguous;
+    fn.tensor_get = fake_get;
+    qkv::AttentionProbe probe(fn, 2, 4, 2, 3);
+    auto ask = [&probe](const std::string& name, const std::string& op) {
+        ggml_tensor t{name, op, {}};
+        return qkv::AttentionProbe::eval_callback(&t, true, &probe);
+    };
+    check(!ask("Qcur-1", "ROPE"), "probe asks for nothing while disabled");
+    probe.set_enabled(true);
+    check(ask("Qcur-1", "ROPE"), "probe asks for Qcur-1 after RoPE");
+    check(ask("Kcur-0", "ROPE"), "probe asks for Kcur-0 after RoPE");
+    check(!ask("Qcur-1", "MUL_MAT"), "probe skips Qcur-1 before RoPE");
+    check(!ask("Qcur-2", "ROPE"), "probe skips a layer out of range");
+    check(!ask("Qcur-", "ROPE"), "probe skips a name without a layer");
+    check(!ask("Qcur-1x", "ROPE"), "probe skips a name with trailing characters");
+    check(!ask("Vcur-1", "ROPE"), "probe skips values");
+
+    // Two ubatches of 3 and 2 query rows of 4 elements for layer 1; the ring keeps 3.
+    ggml_tensor first{"Qcur-1", "ROPE", {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2}};
+    ggml_tensor second{"Qcur-1", "ROPE", {3, 3, 3, 3, 4, 4, 4, 4}};
+    check(qkv::AttentionProbe::eval_callback(&first, false, &probe), "probe continues the compute");
+    check(qkv::AttentionProbe::eval_callback(&second, false, &probe), "probe continues the compute");
+    int64_t n_rows = 0;
+    const std::vector<float> rows = probe.rows(1, false, &n_rows);
+    check(probe.total(1, false) == 5, "probe counts every row");
+    check(n_rows == 3 && rows.size() == 12, "probe keeps the window");
+    check(rows.front() == 2.0f && rows.back() == 4.0f, "probe keeps the last rows, oldest first");
+    check(probe.total(0, false) == 0 && probe.total(1, true) == 0, "probe keeps layers and kinds apart");
+
+    ggml_tensor odd{"Kcur-0", "ROPE", {1, 2, 3}};
+    check(qkv::AttentionProbe::eval_callback(&odd, false, &probe), "probe continues after a bad tensor");
+    check(probe.error().find("Kcur-0") != std::string::npos, "probe reports a tensor of the wrong size");
+    probe.reset();
+    check(probe.error().empty() && probe.total(1, false) == 0, "probe reset clears rows and errors");
+    expect_invalid_argument("probe layer out of range", "out of range", [&] { probe.total(5, false); });
+    qkv::GgmlFunctions missing;
+    expect_invalid_argument("probe without functions", "null", [&] { qkv::AttentionProbe bad(missing, 1, 4, 4, 4); });
+}
+
+}  // namespace
+
 int main() {
     test_fp16_known_values();
     test_fp16_round_trip_all_halves();
@@ -454,6 +521,7 @@ int main() {
     test_non_finite_and_arbitrary_input();
     test_errors();
     test_channel_layout();
+    test_attention_probe();
     std::printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }
