@@ -444,7 +444,7 @@ void test_channel_layout() {
 
 }  // namespace
 
-// A stand-in for ggml's tensor: the probe only sees it through the functions below.
+// A stand-in for ggml's tensor, which the probe reads only through the functions below.
 struct ggml_tensor {
     std::string name;
     std::string op;
@@ -462,7 +462,7 @@ void fake_get(const ggml_tensor* t, void* dst, size_t offset, size_t size) {
     std::memcpy(dst, reinterpret_cast<const char*>(t->data.data()) + offset, size);
 }
 
-// The attention probe: which tensors it asks for, its ring of the last rows, and its checks.
+// The attention probe: the tensors it requests, its ring of the last rows, and its checks.
 void test_attention_probe() {
     qkv::GgmlFunctions fn;
     fn.get_name = fake_name;
