@@ -98,6 +98,7 @@ ROW_FIELDS = (
     "n_kl_positions",
     "kl_mean",
     "kl_worst",
+    "kl_fresh",
     "top1",
     "gen_cap",
     "gen_compared_tokens",
@@ -279,6 +280,7 @@ class QualityConfig:
     hop_reply_tokens: int = DEFAULT_HOP_REPLY_TOKENS
     n_threads: int = 0
     flash_attn: bool = False
+    fresh_control: bool = False
     seed: int = 0
     model_name: str = ""
     source: str = ""
@@ -478,11 +480,15 @@ class QualityRunner:
         self._record(cards, [ref, *chains], hop=1)
 
         rows: list[dict[str, Any]] = []
+        fresh: dict[tuple[str, float], CacheCard | None] = {}
         for hop in range(1, config.max_hop + 1):
             if hop > 1:
                 appended = self.instruction + self._reference_reply(ref)
                 self._advance(ref, appended, hop)
                 step(f"{item.item_id}: hop {hop} lossless chain")
+                if config.fresh_control and hop in config.hops:
+                    # The worker now holds the lossless chain's hop: quantize it once per configuration.
+                    fresh = {(c.controller, c.budget): self._fresh_card(c, hop) for c in chains}
                 for chain in chains:
                     self._advance(chain, appended, hop)
                     step(f"{item.item_id}: hop {hop} {chain.controller} b{chain.budget:g}")
@@ -493,7 +499,17 @@ class QualityRunner:
             reference = self._measure(ref.card, item, None)
             step(f"{item.item_id}: hop {hop} measure lossless")
             for chain in chains:
-                rows.append(self._cell(item, chain, hop, ref, reference, prefill_ms))
+                row = self._cell(item, chain, hop, ref, reference, prefill_ms)
+                if config.fresh_control and row["status"] == "ok" and hop == 1:
+                    # At hop 1 the chain's card is the card made once.
+                    row["kl_fresh"] = row["kl_mean"]
+                elif config.fresh_control and row["status"] == "ok":
+                    fresh_card = fresh.get((chain.controller, chain.budget))
+                    if fresh_card is not None:
+                        fresh_kl = self._measure(fresh_card, item, reference, generate=False).kl
+                        assert fresh_kl is not None
+                        row["kl_fresh"] = float(fresh_kl.mean())
+                rows.append(row)
                 step(f"{item.item_id}: hop {hop} measure {chain.controller} b{chain.budget:g}")
         wall_s = time.perf_counter() - start
         logger.info("%s: %d cells in %.1f s (prefill %.0f ms)", item.item_id, len(rows), wall_s, prefill_ms)
@@ -530,6 +546,12 @@ class QualityRunner:
         # Serializing sets the card's SHA-256 (the next hop's parent) and gives its file size.
         chain.card_bytes = len(card.to_bytes())
         chain.card = card
+
+    def _fresh_card(self, chain: _Chain, hop: int) -> CacheCard | None:
+        """Export the worker's sequence (the lossless chain at `hop`) once with the chain's controller and budget."""
+        probe = _Chain(chain.controller, chain.budget)
+        self._export(self.worker, probe, hop=hop, parent_sha256="")
+        return probe.card
 
     def _import(self, llm: Llama, card: CacheCard) -> float:
         _clear(llm)
@@ -592,8 +614,13 @@ class QualityRunner:
     def _text(llm: Llama, tokens: list[int]) -> str:
         return llm.detokenize(tokens).decode("utf-8", errors="replace")
 
-    def _measure(self, card: CacheCard, item: EvalItem, reference: Measurement | None) -> Measurement:
-        """Import `card` into the evaluator and measure it; against `reference` when given."""
+    def _measure(
+        self, card: CacheCard, item: EvalItem, reference: Measurement | None, generate: bool = True
+    ) -> Measurement:
+        """Import `card` into the evaluator and measure it; against `reference` when given.
+
+        With `generate` False only the teacher-forced metrics are computed.
+        """
         config = self.config
         llm = self.evaluator
         import_ms = self._import(llm, card)
@@ -612,6 +639,8 @@ class QualityRunner:
             result.kl = qm.kl_per_position(reference.log_probs, kl_logits)
             result.top1_agreement = qm.top1_agreement(reference.top1, kl_logits)
 
+        if not generate:
+            return result
         if item.is_gsm8k:
             result.loglik = qm.sequence_log_likelihood(logits[item.n_prompt - 1 : -1], item.follow[item.n_prompt :])
             # The solution was teacher-forced; generation starts again from the answer prompt.
@@ -859,6 +888,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         "top-1",
         "greedy agree",
     ]
+    fresh = any(s.get("kl_fresh") is not None for s in result["summary"])
+    if fresh:
+        header.insert(header.index("top-1"), "fresh KL")
     if gsm8k:
         header += ["Δ loglik", "accuracy", "lossless acc."]
     header.append("n")
@@ -879,6 +911,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             _fmt(s["export_ms"], ".0f"),
             _fmt(s["kl_mean"], ".4f"),
             _fmt(s["kl_max"], ".4f"),
+            *([_fmt(s.get("kl_fresh"), ".4f")] if fresh else []),
             _fmt(s["top1"], ".3f"),
             _fmt(s["gen_agree_fraction"], ".2f"),
         ]
@@ -1118,6 +1151,13 @@ def register(app: typer.Typer) -> None:
         ] = DEFAULT_HOP_REPLY_TOKENS,
         seed: Annotated[int, typer.Option(help="Seed of the context offsets in a text shorter than the run.")] = 0,
         flash_attn: Annotated[bool, typer.Option(help="Flash attention in every context.")] = False,
+        fresh_control: Annotated[
+            bool,
+            typer.Option(
+                help="Also measure, at each reported hop, a card made once from the lossless chain's context "
+                "(kl_fresh), to tell compounding over hops from the change of context."
+            ),
+        ] = False,
         threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads; 0 for every core.")] = 0,
         out: Annotated[
             Path, typer.Option("--out", "-o", help="Folder for the JSON, CSV, Markdown and PNG files.")
@@ -1192,6 +1232,7 @@ def register(app: typer.Typer) -> None:
                 ("--hop-reply-tokens", hop_reply_tokens),
                 ("--seed", seed),
                 ("--flash-attn", flash_attn),
+                ("--fresh-control", fresh_control),
                 ("--threads", threads),
                 ("--out", str(out)),
             ]
@@ -1207,6 +1248,7 @@ def register(app: typer.Typer) -> None:
             hop_reply_tokens=hop_reply_tokens,
             n_threads=threads,
             flash_attn=flash_attn,
+            fresh_control=fresh_control,
             seed=seed,
             model_name=Path(model).name if model.endswith(".gguf") else model,
             source=source,

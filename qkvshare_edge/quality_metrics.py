@@ -161,6 +161,7 @@ MEAN_FIELDS = (
     "export_ms",
     "measure_ms",
     "kl_mean",
+    "kl_fresh",
     "top1",
     "gen_agree_tokens",
     "gen_agree_fraction",

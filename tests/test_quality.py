@@ -307,6 +307,24 @@ def test_budget_below_minimum_is_a_skipped_cell(tiny_models: dict[str, Path]) ->
     assert (row["status"], row["kl_mean"]) == ("budget_error", None)
 
 
+def test_fresh_control(tiny_models: dict[str, Path]) -> None:
+    path = tiny_models["gemma3"]
+    config = make_config(path, (QUANTIZED_BUDGET, quality.LOSSLESS_BUDGET), hops=(1, 3), fresh_control=True)
+    items = text_items(path, n_contexts=1)
+    runner = quality.QualityRunner(config, quality.required_n_ctx(config, items, 8))
+    try:
+        rows = runner.run_item(items[0]).rows
+    finally:
+        runner.close()
+    for row in rows:
+        assert row["kl_fresh"] is not None, row
+        if row["hop"] == 1:
+            # At hop 1 the chain's card is the card made once.
+            assert row["kl_fresh"] == row["kl_mean"]
+        if row["budget"] == quality.LOSSLESS_BUDGET:
+            assert row["kl_fresh"] == 0.0
+
+
 # -- command line ----------------------------------------------------------------------------
 
 

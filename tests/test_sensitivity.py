@@ -139,4 +139,3 @@ def test_export_with_measured_distortion(new_llama, gemma3_path, text_tokens) ->
     assert "measure" in sender.last_export_timing.stages_ms
     with pytest.raises(ValueError, match="distortion must be 'model' or 'measured'"):
         sender.export_card(budget=3.5, distortion="exact")
-
