@@ -507,8 +507,9 @@ class Terminal:
         os.write(self.master, text.encode())
 
     def close(self) -> int:
+        # As long as expect(): on a loaded 2-core machine the exit alone took over 20 s once.
         try:
-            return self.process.wait(timeout=20)
+            return self.process.wait(timeout=60)
         finally:
             if self.process.poll() is None:
                 self.process.kill()
