@@ -179,8 +179,9 @@ def measure(
         def continuation_logits(card: CacheCard, follow: list[int] = follow) -> np.ndarray:
             receiver.import_card(card, replace=True)
             receiver.eval(follow)
+            # Row i is the distribution after follow[i]; an import computes no logits for the card's last token.
             n = card.n_tokens
-            return np.array(receiver.scores[n - 1 : n - 1 + len(follow)], dtype=np.float64)
+            return np.array(receiver.scores[n : n + len(follow)], dtype=np.float64)
 
         reference = reference_log_probs(continuation_logits(base))
         if totals is None:
