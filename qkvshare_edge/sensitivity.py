@@ -190,8 +190,11 @@ def measure(
             for j in range(len(section.layers)):
                 for part in ("k", "v"):
                     card = _with_one_part_quantized(base, s, j, part, probe_bits, k_block)
+                    kl = float(kl_per_position(reference, continuation_logits(card)).mean())
+                    if not np.isfinite(kl):
+                        raise RuntimeError(f"KL of section {s} layer {j} {part.upper()} is {kl}; the logits are invalid")
                     # Rounding can leave a KL of an unchanged distribution slightly below 0.
-                    kl = max(0.0, float(kl_per_position(reference, continuation_logits(card)).mean()))
+                    kl = max(0.0, kl)
                     totals[s][j][part] += kl / len(contexts)
                     if progress is not None:
                         progress(f"section {s} layer {j} {part.upper()}: KL {kl:.5f}")
