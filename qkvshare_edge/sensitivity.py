@@ -192,7 +192,8 @@ def measure(
                     card = _with_one_part_quantized(base, s, j, part, probe_bits, k_block)
                     kl = float(kl_per_position(reference, continuation_logits(card)).mean())
                     if not np.isfinite(kl):
-                        raise RuntimeError(f"KL of section {s} layer {j} {part.upper()} is {kl}; the logits are invalid")
+                        where = f"section {s} layer {j} {part.upper()}"
+                        raise RuntimeError(f"KL of {where} is {kl}: the receiver's logits are invalid")
                     # Rounding can leave a KL of an unchanged distribution slightly below 0.
                     kl = max(0.0, kl)
                     totals[s][j][part] += kl / len(contexts)
