@@ -470,6 +470,27 @@ void decode_channel_block(const uint8_t* in, int64_t n, const uint8_t* bits, con
     }
 }
 
+// Runs fn(block, steps) for every block on up to n_threads threads, each with
+// its own scratch. The scratch is the only allocation on a worker thread, so a
+// failure there is passed back as std::bad_alloc instead of ending the process.
+template <typename Fn>
+void for_each_channel_block(const std::vector<ChannelBlock>& blocks, int64_t n, int n_threads, const Fn& fn) {
+    const auto n_blocks = static_cast<int64_t>(blocks.size()) - 1;
+    std::atomic<bool> out_of_memory{false};
+    for_row_ranges(
+        n_blocks, n_threads,
+        [&](int64_t begin, int64_t end) {
+            try {
+                ChannelSteps steps(n);
+                for (int64_t i = begin; i < end; ++i) fn(blocks[static_cast<size_t>(i)], steps);
+            } catch (const std::bad_alloc&) {
+                out_of_memory = true;
+            }
+        },
+        1);
+    if (out_of_memory) throw std::bad_alloc();
+}
+
 }  // namespace
 
 bool codec_width_valid(int bits) {
@@ -542,24 +563,8 @@ void codec_channel_encode(const float* x, int64_t n_rows, int64_t n, const uint8
     }
     if (n_rows == 0) return;
     if (x == nullptr || out == nullptr) throw std::invalid_argument("codec_channel_encode: x or out is null");
-    const auto n_blocks = static_cast<int64_t>(blocks.size()) - 1;
-    // The per-worker scratch is the only allocation on a worker thread; a
-    // failure there is passed back instead of ending the process.
-    std::atomic<bool> out_of_memory{false};
-    for_row_ranges(
-        n_blocks, n_threads,
-        [&](int64_t begin, int64_t end) {
-            try {
-                ChannelSteps steps(n);
-                for (int64_t i = begin; i < end; ++i) {
-                    encode_channel_block(x, n, bits, blocks[static_cast<size_t>(i)], out, steps);
-                }
-            } catch (const std::bad_alloc&) {
-                out_of_memory = true;
-            }
-        },
-        1);
-    if (out_of_memory) throw std::bad_alloc();
+    for_each_channel_block(blocks, n, n_threads,
+                           [&](const ChannelBlock& block, ChannelSteps& steps) { encode_channel_block(x, n, bits, block, out, steps); });
 }
 
 void codec_channel_decode(const uint8_t* in, size_t in_size, int64_t n_rows, int64_t n, const uint8_t* bits,
@@ -571,24 +576,8 @@ void codec_channel_decode(const uint8_t* in, size_t in_size, int64_t n_rows, int
     }
     if (n_rows == 0) return;
     if (in == nullptr || y == nullptr) throw std::invalid_argument("codec_channel_decode: payload or y is null");
-    const auto n_blocks = static_cast<int64_t>(blocks.size()) - 1;
-    // The per-worker scratch is the only allocation on a worker thread; a
-    // failure there is passed back instead of ending the process.
-    std::atomic<bool> out_of_memory{false};
-    for_row_ranges(
-        n_blocks, n_threads,
-        [&](int64_t begin, int64_t end) {
-            try {
-                ChannelSteps steps(n);
-                for (int64_t i = begin; i < end; ++i) {
-                    decode_channel_block(in, n, bits, blocks[static_cast<size_t>(i)], y, steps);
-                }
-            } catch (const std::bad_alloc&) {
-                out_of_memory = true;
-            }
-        },
-        1);
-    if (out_of_memory) throw std::bad_alloc();
+    for_each_channel_block(blocks, n, n_threads,
+                           [&](const ChannelBlock& block, ChannelSteps& steps) { decode_channel_block(in, n, bits, block, y, steps); });
 }
 
 }  // namespace qkv
