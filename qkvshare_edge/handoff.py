@@ -312,7 +312,7 @@ def _unit_mean(scores: np.ndarray) -> np.ndarray:
 def _layer_weights(
     llm: Llama, sensitivity: LayerSensitivity | str | None, n_layers: list[int]
 ) -> list[list[tuple[float, float]]] | None:
-    """Row weights from a sensitivity table: 'auto' (the bundled one, if any), a table or a path, or None."""
+    """Return row weights from a sensitivity table: 'auto' (the bundled one, if any), a table, a path, or None."""
     if sensitivity is None:
         return None
     if isinstance(sensitivity, str):
@@ -510,8 +510,8 @@ def _splice_previous_blocks(
         return codes
     rows, old_rows, old_bits, old_codes, old_positions = source
     old_of = np.full(positions.shape[0], -1, dtype=np.int64)
-    kept = bits[rows] == old_bits[old_rows]
-    old_of[rows[kept]] = old_rows[kept]
+    same_width = bits[rows] == old_bits[old_rows]
+    old_of[rows[same_width]] = old_rows[same_width]
     starts, offsets = _block_offsets(bits, positions, n, block)
     old_starts, old_offsets = _block_offsets(old_bits, old_positions, n, block)
     out = codes

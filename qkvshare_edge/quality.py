@@ -487,7 +487,7 @@ class QualityRunner:
                 self._advance(ref, appended, hop)
                 step(f"{item.item_id}: hop {hop} lossless chain")
                 if config.fresh_control and hop in config.hops:
-                    # The worker now holds the lossless chain's hop: quantize it once per configuration.
+                    # The worker now contains the lossless chain's hop, so quantize it once per configuration.
                     fresh = {(c.controller, c.budget): self._fresh_card(c, hop) for c in chains}
                 for chain in chains:
                     self._advance(chain, appended, hop)

@@ -180,7 +180,10 @@ def channel_bytes(bits: npt.ArrayLike, positions: npt.ArrayLike, n: int, block: 
     total = 0
     for s in _blocks(np.asarray(positions), block):
         w = widths[s]
-        total += (4 * n if np.any(w != 16) else 0) + int(sum(2 * n if b == 16 else n * int(b) // 8 for b in w))
+        if np.any(w != 16):
+            total += 4 * n  # the block header
+        for b in w:
+            total += 2 * n if b == 16 else n * int(b) // 8
     return total
 
 
