@@ -78,7 +78,7 @@ def main(
 def models() -> None:
     """List the models in the registry."""
     for entry in list_models():
-        typer.echo(f"{entry.name:14} {entry.description}")
+        typer.echo(f"{entry.name:16} {entry.description}")
 
 
 @app.command()
@@ -283,6 +283,7 @@ def calibrate(
 
     table = measure(sender, receiver, [(i.context, i.follow) for i in items], probe_bits=probe_bits, progress=progress)
     table.notes = {
+        **table.notes,
         "model": Path(path).name,
         "source": text.name if text is not None else "demo_context.txt",
         "contexts": n_contexts,
@@ -290,7 +291,10 @@ def calibrate(
         "continuation_tokens": continuation_tokens,
     }
     table.save(out)
-    typer.echo(f"wrote {out}: KL at {probe_bits} bits per (section, layer, K/V)")
+    typer.echo(
+        f"wrote {out}: KL at {probe_bits} bits per (section, layer, K/V); "
+        f"noise floor {table.notes['noise_floor']:.5f} (entries near it are noise)"
+    )
     for s, section in enumerate(table.sections):
         row = "  ".join(f"{j}:K{e['k']:.4f}/V{e['v']:.4f}" for j, e in enumerate(section))
         typer.echo(f"section {s}: {row}")

@@ -99,6 +99,7 @@ ROW_FIELDS = (
     "kl_mean",
     "kl_worst",
     "kl_fresh",
+    "kl_floor",
     "top1",
     "gen_cap",
     "gen_compared_tokens",
@@ -497,9 +498,12 @@ class QualityRunner:
                 continue
             assert ref.card is not None, ref.error
             reference = self._measure(ref.card, item, None)
+            floor = self._measure(qm.nudged_card(ref.card, seed=hop), item, reference, generate=False).kl
+            assert floor is not None
             step(f"{item.item_id}: hop {hop} measure lossless")
             for chain in chains:
                 row = self._cell(item, chain, hop, ref, reference, prefill_ms)
+                row["kl_floor"] = float(floor.mean())
                 if config.fresh_control and row["status"] == "ok" and hop == 1:
                     # At hop 1 the chain's card is the card made once.
                     row["kl_fresh"] = row["kl_mean"]
@@ -891,6 +895,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     fresh = any(s.get("kl_fresh") is not None for s in result["summary"])
     if fresh:
         header.insert(header.index("top-1"), "fresh KL")
+    floor = any(s.get("kl_floor") is not None for s in result["summary"])
+    if floor:
+        header.insert(header.index("top-1"), "floor KL")
     if gsm8k:
         header += ["Δ loglik", "accuracy", "lossless acc."]
     header.append("n")
@@ -912,6 +919,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             _fmt(s["kl_mean"], ".4f"),
             _fmt(s["kl_max"], ".4f"),
             *([_fmt(s.get("kl_fresh"), ".4f")] if fresh else []),
+            *([_fmt(s.get("kl_floor"), ".4f")] if floor else []),
             _fmt(s["top1"], ".3f"),
             _fmt(s["gen_agree_fraction"], ".2f"),
         ]
@@ -941,7 +949,9 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"took {result['wall_s']:.0f} s.",
         "",
         "Bits per element count codes, scales and width tags (in brackets: the whole card file). "
-        "Greedy agree is the share of the reference's greedy tokens matched before the first difference.",
+        "Greedy agree is the share of the reference's greedy tokens matched before the first difference. "
+        "Floor KL is the KL of the lossless card with every element moved one f16 step: "
+        "the backend's rounding noise, below which no card can be judged.",
         "",
         markdown_table(result),
     ]

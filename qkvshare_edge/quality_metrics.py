@@ -1,7 +1,8 @@
 """Metrics of the quality harness: KL divergence, top-1 and greedy agreement, GSM8K answers, summaries.
 
 Every function here is pure: it takes logits, token ids or text and
-returns numbers, so the harness in `quality.py` and the tests share one
+returns numbers (or, for `nudged_card`, a new card), so the harness in
+`quality.py`, the calibration in `sensitivity.py` and the tests share one
 definition of each metric. Logits are `(n_positions, n_vocab)` arrays in
 llama.cpp's order; distributions are compared in float64.
 """
@@ -12,9 +13,12 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .card import CacheCard
 
 # Rows of (n_positions, n_vocab) logits handled per step, which bounds the
 # float64 temporaries to ROW_CHUNK * n_vocab * 8 bytes (32 MiB for Gemma 3's
@@ -162,6 +166,7 @@ MEAN_FIELDS = (
     "measure_ms",
     "kl_mean",
     "kl_fresh",
+    "kl_floor",
     "top1",
     "gen_agree_tokens",
     "gen_agree_fraction",
@@ -204,3 +209,48 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["kl_max"] = max(kls) if kls else None
         out.append(entry)
     return out
+
+
+def nudged_card(card: CacheCard, seed: int = 0) -> CacheCard:
+    """Return a copy of a lossless card with every K/V element moved one f16 step up or down at random.
+
+    Its KL against the lossless card is the noise floor of the backend: llama.cpp
+    rounds activations (to 8 bits for quantized weights, to f16 for f16 K/V), so any
+    change of the cache, however small, draws new rounding errors downstream. A
+    card's KL cannot be told apart from this floor.
+
+    Raises:
+        ValueError: when the card is not lossless (every row f16, keys by row).
+    """
+    import dataclasses
+
+    from .card import CardSection
+    from .codec import LOSSLESS_WIDTH
+
+    if card.k_layout != "row" or any(
+        np.any(bits != LOSSLESS_WIDTH)
+        for section in card.sections
+        for layer in section.layers
+        for bits in (layer.k_bits, layer.v_bits)
+    ):
+        raise ValueError("nudged_card needs a lossless card (budget 16): every row f16, keys by row")
+    rng = np.random.default_rng(seed)
+
+    def nudge(codes: np.ndarray) -> np.ndarray:
+        halves = codes.view(np.uint16)
+        sign, magnitude = halves & 0x8000, (halves & 0x7FFF).astype(np.int32)
+        # One step away from the value, never into infinity or NaN (0x7BFF is the largest finite half).
+        magnitude = np.clip(magnitude + rng.choice((-1, 1), size=magnitude.shape), 0, 0x7BFF)
+        return (sign | magnitude.astype(np.uint16)).view(np.uint8)
+
+    sections = [
+        CardSection(
+            section.positions,
+            [
+                dataclasses.replace(layer, k_codes=nudge(layer.k_codes), v_codes=nudge(layer.v_codes))
+                for layer in section.layers
+            ],
+        )
+        for section in card.sections
+    ]
+    return dataclasses.replace(card, sections=sections, sha256="", signature_status="unsigned")

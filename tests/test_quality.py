@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from qkvshare_edge import quality
+from qkvshare_edge import Llama, quality
 from qkvshare_edge import quality_metrics as qm
+from qkvshare_edge.card import CacheCard
 from qkvshare_edge.cli import app
 from qkvshare_edge.models import write_tiny_gemma3, write_tiny_llama
 
@@ -293,6 +294,48 @@ def test_each_hop_appends_instruction_and_reply(harness_run: dict[str, object]) 
 
 def test_rows_report_matching_card_tokens(harness_run: dict[str, object]) -> None:
     assert all(r["card_tokens_match_reference"] is True for r in harness_run["rows"])  # type: ignore[union-attr]
+
+
+def test_every_row_reports_the_hop_floor(harness_run: dict[str, object]) -> None:
+    rows = harness_run["rows"]
+    floors = {h: {r["kl_floor"] for r in rows if r["hop"] == h} for h in HOPS}  # type: ignore[union-attr]
+    # One floor per hop, shared by every cell of that hop; a nudged card changes the distributions.
+    assert all(len(values) == 1 for values in floors.values()), floors
+    assert all(math.isfinite(v) and v > 0 for values in floors.values() for v in values), floors
+
+
+def lossless_card(path: Path) -> CacheCard:
+    llm = Llama(str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
+    try:
+        llm.eval(text_items(path, n_contexts=1)[0].context)
+        return llm.export_card(budget=quality.LOSSLESS_BUDGET)
+    finally:
+        llm.close()
+
+
+def test_nudged_card_moves_every_element_one_f16_step(tiny_models: dict[str, Path]) -> None:
+    card = lossless_card(tiny_models["gemma3"])
+    nudged = qm.nudged_card(card, seed=3)
+    assert nudged.token_ids is card.token_ids and nudged.n_tokens == card.n_tokens
+    for section, moved in zip(card.sections, nudged.sections, strict=True):
+        for layer, other in zip(section.layers, moved.layers, strict=True):
+            for codes, new in ((layer.k_codes, other.k_codes), (layer.v_codes, other.v_codes)):
+                old_halves, new_halves = codes.view(np.uint16), new.view(np.uint16)
+                assert np.array_equal(old_halves & 0x8000, new_halves & 0x8000)
+                step = (new_halves & 0x7FFF).astype(np.int32) - (old_halves & 0x7FFF).astype(np.int32)
+                # A zero magnitude cannot go down: it stays, every other element moves by one.
+                zero = (old_halves & 0x7FFF) == 0
+                assert np.all(np.abs(step[~zero]) == 1)
+                assert np.all(step[zero] >= 0)
+                assert np.all(np.isfinite(new_halves.view(np.float16)))
+
+
+def test_nudged_card_rejects_a_quantized_card(tiny_models: dict[str, Path]) -> None:
+    card = lossless_card(tiny_models["gemma3"])
+    layer = card.sections[0].layers[0]
+    layer.k_bits = np.full_like(layer.k_bits, 8)
+    with pytest.raises(ValueError, match="lossless card"):
+        qm.nudged_card(card)
 
 
 def test_budget_below_minimum_is_a_skipped_cell(tiny_models: dict[str, Path]) -> None:

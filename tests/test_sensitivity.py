@@ -54,6 +54,10 @@ def test_invalid_table_raises(tmp_path: Path, edit, phrase: str) -> None:
         LayerSensitivity.load(path)
 
 
+# Rounding of a KL printed with 5 decimals.
+PRINTED = 0.5e-5
+
+
 def test_bundled_table_for_the_default_model() -> None:
     from qkvshare_edge.fingerprint import fingerprint_model
     from qkvshare_edge.models import resolve_model
@@ -67,11 +71,19 @@ def test_bundled_table_for_the_default_model() -> None:
 def test_measure_and_export_with_table(new_llama, gemma3_path, text_tokens) -> None:
     sender = new_llama(gemma3_path, flash_attn=False)
     receiver = new_llama(gemma3_path, flash_attn=False, logits_all=True)
-    table = measure(sender, receiver, [(text_tokens[:60], text_tokens[60:68])])
+    messages: list[str] = []
+    table = measure(sender, receiver, [(text_tokens[:60], text_tokens[60:68])], progress=messages.append)
     assert table.model_id == sender.fingerprint.model_id
     assert [len(s) for s in table.sections] == [1, 5]
     assert all(e["k"] >= 0 and e["v"] >= 0 for s in table.sections for e in s)
     assert sum(e["k"] + e["v"] for s in table.sections for e in s) > 0
+    # The noise floor goes to the notes; each entry is the probe's KL (both printed with 5 decimals).
+    floor = float(messages[0].rsplit(" ", 1)[1])
+    assert messages[0].startswith("noise floor") and floor == pytest.approx(table.notes["noise_floor"], abs=PRINTED)
+    assert table.notes["noise_floor"] >= 0
+    first = float(messages[1].rsplit(" ", 1)[1])
+    assert messages[1].startswith("section 0 layer 0 K")
+    assert table.sections[0][0]["k"] == pytest.approx(first, abs=PRINTED)
 
     sender.clear_cache()
     sender.eval(text_tokens[:100])
