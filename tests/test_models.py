@@ -19,10 +19,12 @@ from qkvshare_edge.models import (
     cache_dir,
     gemma3_swa_layers,
     list_models,
+    registry,
     resolve_model,
     write_tiny_gemma3,
     write_tiny_llama,
 )
+from qkvshare_edge.models.dequantize import write_f32_copy
 
 N_CTX = 256
 N_EVAL = 100
@@ -239,7 +241,7 @@ def test_list_models() -> None:
     names = [entry.name for entry in list_models()]
 
     assert names[0] == DEFAULT_MODEL == "gemma3-270m"
-    assert set(names) == {"gemma3-270m", "tiny-llama", "tiny-gemma3"}
+    assert set(names) == {"gemma3-270m", "gemma3-270m-f32", "tiny-llama", "tiny-gemma3"}
 
 
 def test_resolve_unknown_name() -> None:
@@ -315,3 +317,74 @@ def test_resolve_gemma3_270m_loads() -> None:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, verbose=False)
     assert llm.metadata["general.architecture"] == "gemma3"
     assert llama_cpp.llama_model_n_swa(llm._model.model) > 0
+
+
+# --- F32 copies --------------------------------------------------------------------
+
+
+def fields_except_file_type(path: Path) -> dict[str, object]:
+    reader = gguf.GGUFReader(path)
+    return {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if not name.startswith("GGUF.") and name != "general.file_type"
+    }
+
+
+def test_f32_copy_of_a_q8_0_tensor(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((4, 64)).astype(np.float32)
+    quantized = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0)
+    source = tmp_path / "q8.gguf"
+    writer = gguf.GGUFWriter(source, "llama")
+    writer.add_uint32("llama.block_count", 1)
+    writer.add_tensor("w", quantized, raw_shape=quantized.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    target = write_f32_copy(source, tmp_path / "f32.gguf")
+
+    (tensor,) = gguf.GGUFReader(target).tensors
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+    expected = gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(np.asarray(tensor.data).reshape(4, 64), expected)
+    assert fields_except_file_type(target) == fields_except_file_type(source)
+
+
+def test_f32_copy_of_a_model_evaluates_alike(tmp_path: Path, tiny_gemma3_path: Path) -> None:
+    target = write_f32_copy(tiny_gemma3_path, tmp_path / "tiny-gemma3-f32.gguf")
+
+    source_tensors = {t.name: t for t in gguf.GGUFReader(tiny_gemma3_path).tensors}
+    for tensor in gguf.GGUFReader(target).tensors:
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        original = source_tensors[tensor.name]
+        assert tuple(tensor.shape) == tuple(original.shape)
+        assert np.array_equal(np.asarray(tensor.data, dtype=np.float32), np.asarray(original.data, dtype=np.float32))
+    assert fields_except_file_type(target) == fields_except_file_type(tiny_gemma3_path)
+    assert gguf.GGUFReader(target).get_field("general.file_type").contents() == gguf.LlamaFileType.ALL_F32
+    logits = []
+    for path in (tiny_gemma3_path, target):
+        llm = load(path, logits_all=True)
+        llm.eval(llm.tokenize(TEXT)[:N_EVAL])
+        logits.append(np.array(llm.scores[:N_EVAL]))
+    # F16 weights round the activations to f16 in each product; F32 weights do not.
+    assert np.allclose(logits[0], logits[1], atol=0.05), np.abs(logits[0] - logits[1]).max()
+
+
+def test_resolve_f32_copy_into_cache(
+    isolated_cache: Path, monkeypatch: pytest.MonkeyPatch, tiny_gemma3_path: Path
+) -> None:
+    # The tiny model stands in for the packaged Gemma 3 270M file.
+    monkeypatch.setattr(registry, "_locate_gemma3_270m", lambda: tiny_gemma3_path)
+
+    path = resolve_model(registry.F32_MODEL)
+
+    assert path.parent == isolated_cache
+    assert path.name == f"{tiny_gemma3_path.stem}-f32-v{registry.F32_COPY_VERSION}.gguf"
+    assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == {gguf.GGMLQuantizationType.F32}
+    mtime = path.stat().st_mtime_ns
+    assert resolve_model(registry.F32_MODEL) == path
+    assert path.stat().st_mtime_ns == mtime, "cached file was rewritten"
+    assert sorted(p.name for p in isolated_cache.iterdir()) == [path.name], "temp file left"

