@@ -2,10 +2,11 @@
 
 llama.cpp's CPU backend rounds the activations to 8 bits before each product
 with a quantized weight matrix. Any change of a K/V cache, however small,
-changes those roundings downstream, and on Gemma 3 270M Q4_K_M that alone
-gives a KL divergence of about 0.005 nats per token against the unchanged
-cache (one f16 step on every element; `quality.nudged_card`). With F32
-weights there is no such rounding, and the same change gives about 0.00001.
+changes those roundings downstream. On Gemma 3 270M Q4_K_M that alone gives
+a KL divergence of about 0.005 nats per token against the unchanged cache,
+for one f16 step on every element (`quality_metrics.nudged_card`). With F32
+weights those products take the activations unrounded, and the same change
+gives about 0.000004.
 The F32 copy therefore shows a card's own error where the quantized model
 hides it under that floor. It is four times the size and runs the same
 weights: the values the quantized file encodes.
@@ -33,7 +34,7 @@ def write_f32_copy(source: str | Path, target: str | Path) -> Path:
     reader = gguf.GGUFReader(source)
     arch_field = reader.get_field("general.architecture")
     if arch_field is None:
-        raise ValueError(f"{source}: no general.architecture key; is this a GGUF model?")
+        raise ValueError(f"{source}: missing general.architecture key; expected a GGUF model file")
     writer = gguf.GGUFWriter(target, str(arch_field.contents()))
     try:
         for name, field in reader.fields.items():
