@@ -376,7 +376,7 @@ def test_f32_copy_of_a_model_evaluates_alike(tmp_path: Path, tiny_gemma3_path: P
 def test_resolve_f32_copy_into_cache(
     isolated_cache: Path, monkeypatch: pytest.MonkeyPatch, tiny_gemma3_path: Path
 ) -> None:
-    # The tiny model stands in for the packaged Gemma 3 270M file.
+    # The tiny model replaces the packaged Gemma 3 270M file as the source.
     monkeypatch.setattr(registry, "_locate_gemma3_270m", lambda: tiny_gemma3_path)
 
     path = resolve_model(registry.F32_MODEL)

@@ -299,7 +299,7 @@ def test_rows_report_matching_card_tokens(harness_run: dict[str, object]) -> Non
 def test_every_row_reports_the_hop_floor(harness_run: dict[str, object]) -> None:
     rows = harness_run["rows"]
     floors = {h: {r["kl_floor"] for r in rows if r["hop"] == h} for h in HOPS}  # type: ignore[union-attr]
-    # One floor per hop, shared by every cell of that hop; a nudged card changes the distributions.
+    # One floor per hop, shared by every cell of that hop. A nudged card changes the distributions.
     assert all(len(values) == 1 for values in floors.values()), floors
     assert all(math.isfinite(v) and v > 0 for values in floors.values() for v in values), floors
 
@@ -316,7 +316,8 @@ def lossless_card(path: Path) -> CacheCard:
 def test_nudged_card_moves_every_element_one_f16_step(tiny_models: dict[str, Path]) -> None:
     card = lossless_card(tiny_models["gemma3"])
     nudged = qm.nudged_card(card, seed=3)
-    assert nudged.token_ids is card.token_ids and nudged.n_tokens == card.n_tokens
+    assert nudged.token_ids is card.token_ids
+    assert nudged.n_tokens == card.n_tokens
     for section, moved in zip(card.sections, nudged.sections, strict=True):
         for layer, other in zip(section.layers, moved.layers, strict=True):
             for codes, new in ((layer.k_codes, other.k_codes), (layer.v_codes, other.v_codes)):

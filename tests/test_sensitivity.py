@@ -77,9 +77,10 @@ def test_measure_and_export_with_table(new_llama, gemma3_path, text_tokens) -> N
     assert [len(s) for s in table.sections] == [1, 5]
     assert all(e["k"] >= 0 and e["v"] >= 0 for s in table.sections for e in s)
     assert sum(e["k"] + e["v"] for s in table.sections for e in s) > 0
-    # The noise floor goes to the notes; each entry is the probe's KL (both printed with 5 decimals).
+    # The noise floor goes to the notes, and each entry is the probe's KL (both printed with 5 decimals).
     floor = float(messages[0].rsplit(" ", 1)[1])
-    assert messages[0].startswith("noise floor") and floor == pytest.approx(table.notes["noise_floor"], abs=PRINTED)
+    assert messages[0].startswith("noise floor")
+    assert floor == pytest.approx(table.notes["noise_floor"], abs=PRINTED)
     assert table.notes["noise_floor"] >= 0
     first = float(messages[1].rsplit(" ", 1)[1])
     assert messages[1].startswith("section 0 layer 0 K")
