@@ -124,7 +124,7 @@ def main() -> None:
         for name, got in (("chain", card), ("made once", made_once), ("inherited", inherited)):
             totals[name].append(row_errors(got, lossless, len(item.context), newest_from))
 
-    print(f"model {args.model}, {args.controller} at budget {args.budget:g}, hop {args.hops}, {len(items)} contexts")
+    print(f"model {args.model}, {args.controller} at budget {args.budget:g}, hop {args.hops}, {len(items)} contexts\n")
     print("| cache | " + " | ".join(f"{kind} {part}" for part in "KV" for kind in KINDS) + " |")
     print("|---" * (1 + 2 * len(KINDS)) + "|")
     for name, runs in totals.items():
