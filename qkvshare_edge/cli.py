@@ -229,10 +229,21 @@ def calibrate(
     continuation_tokens: Annotated[int, typer.Option(min=1, help="Teacher-forced positions scored.")] = 64,
     probe_bits: Annotated[int, typer.Option(help="Width of the one quantized part: 2, 3, 4 or 8.")] = 2,
     threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads; 0 for every core.")] = 0,
+    table_for: Annotated[
+        str | None,
+        typer.Option(
+            "--table-for",
+            help=(
+                "Write the table for this model (registry name or .gguf path) instead of --model: "
+                "the same model with other weight types, such as the Q4_K_M file of an F32 copy."
+            ),
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
     """Measure how much each cache layer's K and V matter, for the allocator's per-layer weights."""
     from .demo import demo_context
+    from .fingerprint import fingerprint_model
     from .llama import Llama
     from .quality import Tokenizer, text_items
     from .sensitivity import measure
@@ -246,8 +257,23 @@ def calibrate(
         _fail(f"the folder of --out {out} does not exist; create it first")
     try:
         path = str(resolve_model(model))
+        target_path = str(resolve_model(table_for)) if table_for is not None else None
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    target_id = None
+    if target_path is not None:
+        measured, target = fingerprint_model(path), fingerprint_model(target_path)
+        # Only the weights may differ: a quantized file and its F32 copy share everything else.
+        if (measured.architecture, measured.hparams, measured.tokenizer_sha256) != (
+            target.architecture,
+            target.hparams,
+            target.tokenizer_sha256,
+        ):
+            _fail(
+                f"--table-for {table_for} is not the same model as --model {model} with other weights "
+                "(architecture, hyperparameters or tokenizer differ); calibrate it directly"
+            )
+        target_id = target.model_id
     source = text.read_text(encoding="utf-8") if text is not None else demo_context()
     tokenizer = Tokenizer(path)
     try:
@@ -282,6 +308,11 @@ def calibrate(
         logging.getLogger(__name__).info("%d: %s", n_done[0], message)
 
     table = measure(sender, receiver, [(i.context, i.follow) for i in items], probe_bits=probe_bits, progress=progress)
+    if target_path is not None and target_id is not None:
+        # The table describes the weights, so it serves every file that stores them.
+        table.model_id = target_id
+        table.notes["measured_on"] = Path(path).name
+        path = target_path
     table.notes = {
         **table.notes,
         "model": Path(path).name,

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from qkvshare_edge import quality
 from qkvshare_edge.allocation import RowGroup, allocate, payload_bytes
 from qkvshare_edge.cli import app
+from qkvshare_edge.fingerprint import fingerprint_model
+from qkvshare_edge.models.dequantize import write_f32_copy
 from qkvshare_edge.sensitivity import SENSITIVITY_FLOOR, LayerSensitivity, bundled, measure
 
 
@@ -116,6 +118,25 @@ def test_calibrate_command(tmp_path: Path, gemma3_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "missing" / "x.json")])
     assert result.exit_code == 1
     assert "does not exist" in result.output
+
+
+def test_calibrate_table_for_a_copy(tmp_path: Path, gemma3_path: Path, llama_path: Path) -> None:
+    f32_copy = write_f32_copy(gemma3_path, tmp_path / "tiny-gemma3-f32.gguf")
+    out = tmp_path / "table.json"
+    args = ["calibrate", "--model", str(f32_copy), "--context-tokens", "48", "--continuation-tokens", "8"]
+    result = CliRunner().invoke(app, [*args, "--n-contexts", "1", "--table-for", str(gemma3_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = LayerSensitivity.load(out)
+    # Measured on the copy, written for the original: its exports use the table.
+    assert table.model_id == fingerprint_model(gemma3_path).model_id
+    assert table.model_id != fingerprint_model(f32_copy).model_id
+    assert table.notes["measured_on"] == f32_copy.name
+    assert table.notes["model"] == gemma3_path.name
+
+    other = CliRunner().invoke(app, [*args, "--table-for", str(llama_path), "--out", str(tmp_path / "x.json")])
+    assert other.exit_code == 1
+    assert "is not the same model" in other.output
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_flat_controller_entries() -> None:
