@@ -260,7 +260,7 @@ def calibrate(
         target_path = str(resolve_model(table_for)) if table_for is not None else None
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    target_id = None
+    target_id = ""
     if target_path is not None:
         measured, target = fingerprint_model(path), fingerprint_model(target_path)
         # Only the weights may differ: a quantized file and its F32 copy share everything else.
@@ -308,7 +308,7 @@ def calibrate(
         logging.getLogger(__name__).info("%d: %s", n_done[0], message)
 
     table = measure(sender, receiver, [(i.context, i.follow) for i in items], probe_bits=probe_bits, progress=progress)
-    if target_path is not None and target_id is not None:
+    if target_path is not None:
         # The table describes the weights, so it serves every file that stores them.
         table.model_id = target_id
         table.notes["measured_on"] = Path(path).name

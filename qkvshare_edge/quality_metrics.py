@@ -216,8 +216,8 @@ def nudged_card(card: CacheCard, seed: int = 0) -> CacheCard:
 
     Its KL against the lossless card is the noise floor of the backend: llama.cpp
     rounds activations (to 8 bits for quantized weights, to f16 for f16 K/V), so any
-    change of the cache, however small, draws new rounding errors downstream. A
-    card's KL cannot be told apart from this floor.
+    change of the cache, however small, draws new rounding errors downstream. No
+    card's KL can be distinguished from this floor or go below it.
 
     Raises:
         ValueError: when the card is not lossless (every row f16, keys by row).
@@ -233,7 +233,7 @@ def nudged_card(card: CacheCard, seed: int = 0) -> CacheCard:
         for layer in section.layers
         for bits in (layer.k_bits, layer.v_bits)
     ):
-        raise ValueError("nudged_card needs a lossless card (budget 16): every row f16, keys by row")
+        raise ValueError("nudged_card needs a lossless card (every row f16, keys by row); export the card at budget 16")
     rng = np.random.default_rng(seed)
 
     def nudge(codes: np.ndarray) -> np.ndarray:

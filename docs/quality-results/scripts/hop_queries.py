@@ -10,7 +10,7 @@ Prints the mean KL of each over the 64-token continuation that the harness
 scores at hop H, with the hop-1 card and the `uniform` controller for
 comparison.
 
-    python docs/quality-results/hop-error/hop_queries.py --model gemma3-270m-f32 --text /tmp/licenses.txt
+    python docs/quality-results/scripts/hop_queries.py --model gemma3-270m-f32 --text /tmp/licenses.txt
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from common import LosslessChain, add_arguments, context_options, continuation_logits, load_items
 
 from qkvshare_edge import Llama, handoff
 from qkvshare_edge.attention import LayerQueries
-from qkvshare_edge.card import CacheCard
-from qkvshare_edge.models import resolve_model
-from qkvshare_edge.quality import DEFAULT_HOP_REPLY_TOKENS, HOP_INSTRUCTION, Tokenizer, text_items
 from qkvshare_edge.quality_metrics import kl_per_position, reference_log_probs
 
 BUDGETS = (3.0, 4.0)
@@ -31,36 +29,15 @@ BUDGETS = (3.0, 4.0)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--text", required=True)
+    add_arguments(parser, n_contexts=3, threads=1)
     parser.add_argument("--hops", type=int, default=8)
-    parser.add_argument("--n-contexts", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
-    path = str(resolve_model(args.model))
-    tokenizer = Tokenizer(path)
-    with open(args.text, encoding="utf-8") as f:
-        items = text_items(
-            tokenizer, f.read(), n_context_tokens=1024, continuation_tokens=64, n_contexts=args.n_contexts, seed=0
-        )
-    tokenizer.close()
-    options = {
-        "n_ctx": 1024 + 64 * args.hops,
-        "n_threads": args.threads,
-        "n_threads_batch": args.threads,
-        "flash_attn": False,
-        "verbose": False,
-    }
+    path, items = load_items(args)
+    options = context_options(args.context_tokens + 64 * args.hops, args.threads)
     sender, worker = Llama(path, **options), Llama(path, **options)
     evaluator = Llama(path, logits_all=True, **options)
-    instruction = sender.tokenize(HOP_INSTRUCTION.encode("utf-8"), add_bos=False)
-    end_tokens = [int(sender._model.token_eos()), int(sender._model.token_eot())]
-
-    def continuation_logits(card: CacheCard, follow: list[int]) -> np.ndarray:
-        evaluator.import_card(card, replace=True)
-        evaluator.eval(follow)
-        return np.array(evaluator.scores[card.n_tokens : card.n_tokens + len(follow)], dtype=np.float64)
+    chain = LosslessChain(worker)
 
     results: dict[tuple[str, float], list[float]] = {}
     for item in items:
@@ -69,25 +46,14 @@ def main() -> None:
         assert sender.attention_recorder is not None
         hop1_queries = sender.attention_recorder.layers(0, sender.n_tokens)
         lossless = sender.export_card(budget=16.0)
-        reference = reference_log_probs(continuation_logits(lossless, item.follow))
+        reference = reference_log_probs(continuation_logits(evaluator, lossless, item.follow))
         for budget in BUDGETS:
-            kl = kl_per_position(reference, continuation_logits(sender.export_card(budget=budget), item.follow))
+            card = sender.export_card(budget=budget)
+            kl = kl_per_position(reference, continuation_logits(evaluator, card, item.follow))
             results.setdefault(("hop 1 card", budget), []).append(float(kl.mean()))
 
         for _ in range(2, args.hops + 1):
-            worker.clear_cache()
-            worker.import_card(lossless)
-            worker.eval(instruction)
-            reply: list[int] = []
-            for _ in range(DEFAULT_HOP_REPLY_TOKENS):
-                logits = worker.last_logits().copy()
-                logits[end_tokens] = -np.inf
-                reply.append(int(np.argmax(logits)))
-                worker.eval(reply[-1:])
-            worker.clear_cache()
-            worker.import_card(lossless)
-            worker.eval(instruction + reply)
-            lossless = worker.export_card(budget=16.0)
+            lossless, _ = chain.next_hop(lossless)
 
         recorder = worker.attention_recorder
         assert recorder is not None and hop1_queries is not None
@@ -102,7 +68,7 @@ def main() -> None:
             )
             for a, b in zip(hop1_queries, last_queries, strict=True)
         ]
-        reference = reference_log_probs(continuation_logits(lossless, item.follow))
+        reference = reference_log_probs(continuation_logits(evaluator, lossless, item.follow))
         assert evaluator.attention_recorder is not None
         continuation_queries = evaluator.attention_recorder.layers(0, evaluator.n_tokens)
         assert continuation_queries is not None
@@ -123,15 +89,19 @@ def main() -> None:
                     hop_rows, positions, keys
                 )
             for budget in BUDGETS:
-                kl = kl_per_position(reference, continuation_logits(worker.export_card(budget=budget), item.follow))
+                card = worker.export_card(budget=budget)
+                kl = kl_per_position(reference, continuation_logits(evaluator, card, item.follow))
                 results.setdefault((name, budget), []).append(float(kl.mean()))
             recorder.layers, handoff.match_layers = recorded, match_layers  # type: ignore[method-assign]
         for budget in BUDGETS:
             card = worker.export_card(budget=budget, controller="uniform")
-            kl = kl_per_position(reference, continuation_logits(card, item.follow))
+            kl = kl_per_position(reference, continuation_logits(evaluator, card, item.follow))
             results.setdefault(("uniform", budget), []).append(float(kl.mean()))
 
-    print(f"model {args.model}, {len(items)} contexts of 1024 tokens, hop {args.hops}, mean KL over 64 positions\n")
+    print(
+        f"model {args.model}, {len(items)} contexts of {args.context_tokens} tokens, hop {args.hops}, "
+        "mean KL over 64 positions\n"
+    )
     print("| card | " + " | ".join(f"budget {b:g}" for b in BUDGETS) + " |")
     print("|---" * (len(BUDGETS) + 1) + "|")
     for name in dict.fromkeys(key[0] for key in results):

@@ -5,12 +5,12 @@ written into a receiver, which then decodes the 64-token continuation. The
 KL is taken against the same receiver with the unchanged cache. Changes:
 
 - rebuilt: the cache parsed and written back unchanged (must give 0);
-- K +-1 step, V +-1 step: every key (value) element moved one f16 step up
-  or down at random;
-- K +-4 steps: every key element moved by up to four f16 steps;
+- K +-1 step, V +-1 step: every key (value) element moved by -1, 0 or +1
+  f16 steps, drawn uniformly, so about two thirds of them change;
+- K +-4 steps: every key element moved by -4 to +4 f16 steps, drawn uniformly;
 - card at budget 8: a budget-8 card of the sender, imported.
 
-    python docs/quality-results/noise-floor/noise_floor.py --model gemma3-270m --text /tmp/licenses.txt
+    python docs/quality-results/scripts/noise_floor.py --model gemma3-270m --text /tmp/licenses.txt
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import argparse
 from collections.abc import Callable
 
 import numpy as np
+from common import add_arguments, context_options, load_items
 
 from qkvshare_edge import Llama, handoff, state
-from qkvshare_edge.models import resolve_model
-from qkvshare_edge.quality import Tokenizer, text_items
 from qkvshare_edge.quality_metrics import kl_per_position, reference_log_probs
 
 # 0x7BFF is the largest finite f16 magnitude.
@@ -53,32 +52,11 @@ def changed_state(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--n-contexts", type=int, default=2)
-    parser.add_argument("--context-tokens", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
+    add_arguments(parser, n_contexts=2, threads=2)
     args = parser.parse_args()
 
-    path = str(resolve_model(args.model))
-    tokenizer = Tokenizer(path)
-    with open(args.text, encoding="utf-8") as f:
-        items = text_items(
-            tokenizer,
-            f.read(),
-            n_context_tokens=args.context_tokens,
-            continuation_tokens=64,
-            n_contexts=args.n_contexts,
-            seed=0,
-        )
-    tokenizer.close()
-    options = {
-        "n_ctx": args.context_tokens + 256,
-        "n_threads": args.threads,
-        "n_threads_batch": args.threads,
-        "flash_attn": False,
-        "verbose": False,
-    }
+    path, items = load_items(args)
+    options = context_options(args.context_tokens + 256, args.threads)
     sender = Llama(path, **options)
     receiver = Llama(path, logits_all=True, **options)
     rng = np.random.default_rng(0)

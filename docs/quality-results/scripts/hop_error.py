@@ -15,7 +15,7 @@ squared lossless element, averaged over the row's elements, then over rows
 of one kind and over layers. Kinds: rows of the context, rows appended by
 hops 2 to H-1, rows appended by hop H.
 
-    python docs/quality-results/hop-error/hop_error.py --model gemma3-270m-f32 \\
+    python docs/quality-results/scripts/hop_error.py --model gemma3-270m-f32 \\
         --text /tmp/licenses.txt --budget 3 --n-contexts 2
 """
 
@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from common import LosslessChain, add_arguments, context_options, load_items
 
 from qkvshare_edge import Llama
 from qkvshare_edge.card import CacheCard
-from qkvshare_edge.models import resolve_model
-from qkvshare_edge.quality import DEFAULT_HOP_REPLY_TOKENS, HOP_INSTRUCTION, Tokenizer, text_items
 
 KINDS = ("context", "older hops", "newest hop")
 
@@ -57,38 +56,16 @@ def row_errors(card: CacheCard, reference: CacheCard, n_context: int, newest_fro
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--text", required=True)
+    add_arguments(parser, n_contexts=2, threads=2)
     parser.add_argument("--budget", type=float, default=3.0)
     parser.add_argument("--controller", default="attention")
     parser.add_argument("--hops", type=int, default=8)
-    parser.add_argument("--n-contexts", type=int, default=2)
-    parser.add_argument("--context-tokens", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    path = str(resolve_model(args.model))
-    tokenizer = Tokenizer(path)
-    with open(args.text, encoding="utf-8") as f:
-        items = text_items(
-            tokenizer,
-            f.read(),
-            n_context_tokens=args.context_tokens,
-            continuation_tokens=64,
-            n_contexts=args.n_contexts,
-            seed=0,
-        )
-    tokenizer.close()
-    options = {
-        "n_ctx": args.context_tokens + 64 * args.hops,
-        "n_threads": args.threads,
-        "n_threads_batch": args.threads,
-        "flash_attn": False,
-        "verbose": False,
-    }
+    path, items = load_items(args)
+    options = context_options(args.context_tokens + 64 * args.hops, args.threads)
     sender, worker = Llama(path, **options), Llama(path, **options)
-    instruction = sender.tokenize(HOP_INSTRUCTION.encode("utf-8"), add_bos=False)
-    end_tokens = [int(sender._model.token_eos()), int(sender._model.token_eot())]
+    chain = LosslessChain(worker)
     export = {"budget": args.budget, "controller": args.controller}
     totals: dict[str, list[dict[tuple[str, str], float]]] = {"chain": [], "made once": [], "inherited": []}
 
@@ -97,21 +74,7 @@ def main() -> None:
         sender.eval(item.context)
         lossless, card = sender.export_card(budget=16.0), sender.export_card(**export)
         for hop in range(2, args.hops + 1):
-            # The lossless chain's greedy reply, end-of-text banned (as in `qkvedge eval quality`).
-            worker.clear_cache()
-            worker.import_card(lossless)
-            worker.eval(instruction)
-            reply: list[int] = []
-            for _ in range(DEFAULT_HOP_REPLY_TOKENS):
-                logits = worker.last_logits().copy()
-                logits[end_tokens] = -np.inf
-                reply.append(int(np.argmax(logits)))
-                worker.eval(reply[-1:])
-            appended = instruction + reply
-            worker.clear_cache()
-            worker.import_card(lossless)
-            worker.eval(appended)
-            lossless = worker.export_card(budget=16.0)
+            lossless, appended = chain.next_hop(lossless)
             if hop == args.hops:
                 made_once = worker.export_card(**export)
             worker.clear_cache()
