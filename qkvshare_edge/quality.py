@@ -168,28 +168,38 @@ def text_items(
     n_contexts: int,
     seed: int,
     name: str = "text",
+    first_context: int = 0,
 ) -> list[EvalItem]:
     """Cut `text` into contexts of `n_context_tokens` tokens (BOS included), each followed by its continuation.
 
     When the text contains enough tokens the contexts are consecutive windows
-    from its start. A shorter text is repeated (joined by a blank line) and
-    the windows start at distinct token offsets drawn with `seed`.
+    from its start, beginning with window number `first_context`. A shorter
+    text is repeated (joined by a blank line) and the windows start at
+    distinct token offsets drawn with `seed`; `first_context` must then be 0,
+    because another draw could repeat a window of an earlier part.
 
     Raises:
-        ValueError: for an empty text or sizes below 2 tokens.
+        ValueError: for an empty text, sizes below 2 tokens, or a
+            `first_context` the text cannot serve with consecutive windows.
     """
-    if n_context_tokens < 2 or continuation_tokens < 1 or n_contexts < 1:
+    if n_context_tokens < 2 or continuation_tokens < 1 or n_contexts < 1 or first_context < 0:
         raise ValueError(
-            f"need at least 2 context tokens, 1 continuation token and 1 context, got {n_context_tokens}, "
-            f"{continuation_tokens} and {n_contexts}"
+            f"need at least 2 context tokens, 1 continuation token, 1 context and a first context >= 0, got "
+            f"{n_context_tokens}, {continuation_tokens}, {n_contexts} and {first_context}"
         )
     bos = tokenize("", add_bos=True)
     stream = tokenize(text)
     if not stream:
         raise ValueError(f"the text {name!r} is empty (no tokens); pass a file that contains text")
     span = n_context_tokens - len(bos) + continuation_tokens
-    if len(stream) >= n_contexts * span:
-        offsets = [i * span for i in range(n_contexts)]
+    if len(stream) >= (first_context + n_contexts) * span:
+        offsets = [i * span for i in range(first_context, first_context + n_contexts)]
+    elif first_context > 0:
+        raise ValueError(
+            f"the text {name!r} has {len(stream)} tokens, fewer than the {first_context + n_contexts} consecutive "
+            f"windows of {span} tokens that --first-context {first_context} with --n-contexts {n_contexts} needs; "
+            "use --first-context 0 or a longer text"
+        )
     else:
         if n_contexts > len(stream):
             raise ValueError(
@@ -217,18 +227,22 @@ def text_items(
     return items
 
 
-def read_gsm8k(path: Path, n_items: int) -> list[tuple[str, str]]:
-    """Return (question, answer) of the first `n_items` lines of a GSM8K-style JSONL file.
+def read_gsm8k(path: Path, n_items: int, first: int = 0) -> list[tuple[str, str]]:
+    """Return (question, answer) of `n_items` records of a GSM8K-style JSONL file, after skipping `first`.
 
     Raises:
         ValueError: for a line that is not a JSON object with string `question` and `answer`.
     """
     items = []
+    n_seen = 0
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if len(items) >= n_items:
                 break
             if not line.strip():
+                continue
+            n_seen += 1
+            if n_seen <= first:
                 continue
             try:
                 record = json.loads(line)
@@ -240,8 +254,10 @@ def read_gsm8k(path: Path, n_items: int) -> list[tuple[str, str]]:
     return items
 
 
-def gsm8k_items(tokenize: Callable[..., list[int]], problems: Sequence[tuple[str, str]]) -> list[EvalItem]:
-    """Build items from (question, reference solution) pairs.
+def gsm8k_items(
+    tokenize: Callable[..., list[int]], problems: Sequence[tuple[str, str]], first: int = 0
+) -> list[EvalItem]:
+    """Build items from (question, reference solution) pairs; `first` is the file index of the first pair.
 
     The context is 'Question: <question>' (BOS first); the receiver is
     prompted with '\\nAnswer:' and scored on ' <solution>' with its
@@ -253,7 +269,7 @@ def gsm8k_items(tokenize: Callable[..., list[int]], problems: Sequence[tuple[str
         solution = tokenize(" " + qm.strip_calculator_annotations(answer).strip())
         items.append(
             EvalItem(
-                item_id=f"gsm8k-{i}",
+                item_id=f"gsm8k-{first + i}",
                 source="gsm8k",
                 context=tokenize(GSM8K_QUESTION_PREFIX + question.strip(), add_bos=True),
                 follow=prompt + solution,
@@ -838,6 +854,78 @@ def run_quality(
     }
 
 
+# Settings that may differ between parts of one run: where the model file lies,
+# how many threads computed it (each dot product stays on one thread, so the
+# numbers do not change), the command line and the context size the parts' longest item needed.
+_PART_SETTINGS = ("model_path", "n_threads", "command", "n_ctx")
+
+
+def merge_results(parts: Sequence[dict[str, Any]], command: str) -> dict[str, Any]:
+    """Join the result documents of runs over different contexts into one, as if one run had measured them all.
+
+    The parts must agree on every setting but those in `_PART_SETTINGS`
+    (typically runs that differ only in --first-context and --n-contexts).
+    The summary is computed again from the joined cells; `wall_s` is the
+    parts' total, and `parts` lists their commands.
+
+    Raises:
+        ValueError: for no parts, parts with other settings, or a context measured by two parts.
+    """
+    if not parts:
+        raise ValueError("no runs to merge; pass the output folders of two or more `eval quality` runs")
+    first = {k: v for k, v in parts[0]["config"].items() if k not in _PART_SETTINGS}
+    for number, part in enumerate(parts[1:], start=2):
+        other = {k: v for k, v in part["config"].items() if k not in _PART_SETTINGS}
+        differing = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differing:
+            details = ", ".join(f"{k} {first.get(k)!r} against {other.get(k)!r}" for k in differing)
+            raise ValueError(
+                f"run {number} has other settings than run 1 ({details}); only runs that differ in their "
+                "contexts (--first-context, --n-contexts) measure the same table"
+            )
+    owner: dict[str, int] = {}
+    for number, part in enumerate(parts, start=1):
+        for item in part["items"]:
+            context_id = item["context_id"]
+            if context_id in owner:
+                raise ValueError(
+                    f"context {context_id} is in run {owner[context_id]} and run {number}; give each run "
+                    "its own contexts with --first-context"
+                )
+            owner[context_id] = number
+    cells = [cell for part in parts for cell in part["cells"]]
+    return {
+        "command": command,
+        "parts": [part["command"] for part in parts],
+        "config": {**parts[0]["config"], "n_ctx": max(part["config"]["n_ctx"] for part in parts)},
+        "environment": parts[0]["environment"],
+        "started": min(part["started"] for part in parts),
+        "wall_s": round(sum(part["wall_s"] for part in parts), 2),
+        "items": [item for part in parts for item in part["items"]],
+        "cells": cells,
+        "summary": qm.summarize(cells),
+    }
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """Read the quality.json of an `eval quality` output folder (or that file itself).
+
+    Raises:
+        ValueError: when the file is missing or is not a result document.
+    """
+    file = path / "quality.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{file} does not exist; pass the --out folder of an `eval quality` run")
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not a JSON result document ({exc})") from None
+    keys = ("command", "config", "environment", "started", "wall_s", "items", "cells")
+    if not isinstance(document, dict) or any(key not in document for key in keys):
+        raise ValueError(f"{file} is not the quality.json of an `eval quality` run (it lacks {', '.join(keys)})")
+    return document
+
+
 # -- outputs ------------------------------------------------------------------------------
 
 
@@ -933,11 +1021,13 @@ def markdown_table(result: dict[str, Any]) -> str:
 def markdown_report(result: dict[str, Any]) -> str:
     """Return a Markdown report: command, machine, time, and the summary table."""
     config, env = result["config"], result["environment"]
-    lines = [
-        "# Card quality against lossless handoff",
-        "",
-        f"Command: `{result['command']}`",
-        "",
+    lines = ["# Card quality against lossless handoff", "", f"Command: `{result['command']}`", ""]
+    if result.get("parts"):
+        lines += [f"Joined from {len(result['parts'])} runs:", ""]
+        lines += [f"- `{part}`" for part in result["parts"]]
+        lines.append("")
+    took = "the runs took" if result.get("parts") else "took"
+    lines += [
         f"Model {config['model_name']}, source {config['source']}, {len(result['items'])} contexts, "
         f"continuation {config['continuation_tokens']} tokens, greedy cap {config['gen_cap']} tokens, "
         f"flash attention {'on' if config['flash_attn'] else 'off'}, n_ctx {config['n_ctx']}. "
@@ -946,7 +1036,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         f"Machine: {env['machine']}, threads: {env['threads']}, llama-cpp-python {env['llama_cpp_python']}, "
         f"load average {env['load_average_start']} at the start. Started {result['started']}, "
-        f"took {result['wall_s']:.0f} s.",
+        f"{took} {result['wall_s']:.0f} s.",
         "",
         "Bits per element count codes, scales and width tags (in brackets: the whole card file). "
         "Greedy agree is the share of the reference's greedy tokens matched before the first difference. "
@@ -1138,6 +1228,14 @@ def register(app: typer.Typer) -> None:
                 help=f"Contexts (default: {GSM8K_PROTOCOL_ITEMS} GSM8K items, {DEFAULT_TEXT_CONTEXTS} text windows).",
             ),
         ] = None,
+        first_context: Annotated[
+            int,
+            typer.Option(
+                min=0,
+                help="Skip this many GSM8K items or text windows: runs that differ only here can be split "
+                "across processes and joined with `qkvedge eval merge`.",
+            ),
+        ] = 0,
         budgets: Annotated[str, typer.Option(help="Budgets in bits per element, comma-separated.")] = DEFAULT_BUDGETS,
         controllers: Annotated[
             str,
@@ -1198,10 +1296,14 @@ def register(app: typer.Typer) -> None:
         try:
             if gsm8k is not None:
                 n_items = n_contexts or GSM8K_PROTOCOL_ITEMS
-                problems = read_gsm8k(gsm8k, n_items)
+                problems = read_gsm8k(gsm8k, n_items, first_context)
                 if len(problems) < n_items:
-                    typer.secho(f"note: {gsm8k} holds {len(problems)} items, fewer than {n_items}", err=True)
-                items = gsm8k_items(tokenizer, problems)
+                    typer.secho(
+                        f"note: {gsm8k} holds {len(problems)} items after the first {first_context}, "
+                        f"fewer than {n_items}",
+                        err=True,
+                    )
+                items = gsm8k_items(tokenizer, problems, first_context)
                 source = f"gsm8k:{gsm8k.name}"
             else:
                 from .demo import demo_context
@@ -1216,6 +1318,7 @@ def register(app: typer.Typer) -> None:
                     n_contexts=n_contexts or DEFAULT_TEXT_CONTEXTS,
                     seed=seed,
                     name=name,
+                    first_context=first_context,
                 )
                 source = f"text:{name}:{context_tokens}"
             n_instruction = len(tokenizer(HOP_INSTRUCTION))
@@ -1233,6 +1336,7 @@ def register(app: typer.Typer) -> None:
                 ("--gsm8k", str(gsm8k) if gsm8k is not None else None),
                 ("--context-tokens", context_tokens if gsm8k is None else None),
                 ("--n-contexts", n_contexts),
+                ("--first-context", first_context or None),
                 ("--budgets", budgets),
                 ("--controllers", controllers),
                 ("--hops", hops),
@@ -1280,3 +1384,34 @@ def register(app: typer.Typer) -> None:
         if mismatched:
             typer.secho(f"warning: {len(mismatched)} cells hold other tokens than the lossless chain", err=True)
         typer.echo(f"took {result['wall_s']:.0f} s; wrote " + ", ".join(str(p) for p in written))
+
+    @eval_app.command("merge")
+    def merge(
+        runs: Annotated[
+            list[Path],
+            typer.Argument(
+                metavar="RUN...",
+                help="Output folders (or their quality.json) of `eval quality` runs that differ only in "
+                "--first-context and --n-contexts.",
+            ),
+        ],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Folder for the joined JSON, CSV, Markdown and PNG files.")
+        ] = Path("quality-results"),
+        plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+    ) -> None:
+        """Join `eval quality` runs over different contexts into one table, as if one run had measured them all."""
+        target = out.resolve()
+        for run in runs:
+            folder = run if run.is_dir() else run.parent
+            if folder.resolve() == target:
+                _fail(f"--out {out} is the folder of run {run}; write the joined table to a new folder")
+        try:
+            parts = [read_result(run) for run in runs]
+            command = shlex.join(["qkvedge", "eval", "merge", *map(str, runs), "--out", str(out)])
+            result = merge_results(parts, command)
+        except ValueError as exc:
+            _fail(str(exc))
+        written = write_outputs(result, out, plots=plots)
+        typer.echo(markdown_table(result), nl=False)
+        typer.echo(f"joined {len(parts)} runs, {len(result['items'])} contexts; wrote " + ", ".join(map(str, written)))

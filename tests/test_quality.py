@@ -74,16 +74,17 @@ def make_config(model_path: Path, budgets: tuple[float, ...], **overrides: objec
     return quality.QualityConfig(**options)  # type: ignore[arg-type]
 
 
-def text_items(model_path: Path, n_contexts: int) -> list[quality.EvalItem]:
+def text_items(model_path: Path, n_contexts: int, text: str = TEXT, first_context: int = 0) -> list[quality.EvalItem]:
     tokenizer = quality.Tokenizer(str(model_path))
     try:
         return quality.text_items(
             tokenizer,
-            TEXT,
+            text,
             n_context_tokens=N_CONTEXT,
             continuation_tokens=N_CONTINUATION,
             n_contexts=n_contexts,
             seed=0,
+            first_context=first_context,
         )
     finally:
         tokenizer.close()
@@ -203,6 +204,30 @@ def test_gsm8k_items(tiny_models: dict[str, Path], tmp_path: Path) -> None:
         tokenizer.close()
     assert [i.gold_answer for i in items] == ["7", "24"]
     assert all(i.follow[: i.n_prompt] == prompt for i in items)
+
+
+def test_text_items_first_context_continues_the_windows(tiny_models: dict[str, Path]) -> None:
+    whole = text_items(tiny_models["llama"], n_contexts=3, text=TEXT * 4)
+    part = text_items(tiny_models["llama"], n_contexts=2, text=TEXT * 4, first_context=1)
+    assert part == whole[1:]
+
+
+def test_text_items_first_context_needs_consecutive_windows(tiny_models: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="--first-context 1 with --n-contexts 40"):
+        text_items(tiny_models["llama"], n_contexts=40, first_context=1)
+
+
+def test_read_gsm8k_skips_the_first_items(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in GSM8K_LINES), encoding="utf-8")
+    problems = quality.read_gsm8k(path, 5, first=1)
+    assert [q for q, _ in problems] == [line["question"] for line in GSM8K_LINES[1:]]
+    tokenizer = quality.Tokenizer(str(tiny_models["llama"]))
+    try:
+        items = quality.gsm8k_items(tokenizer, problems, first=1)
+    finally:
+        tokenizer.close()
+    assert [i.item_id for i in items] == ["gsm8k-1", "gsm8k-2"]
 
 
 def test_read_gsm8k_rejects_missing_fields(tmp_path: Path) -> None:
@@ -372,8 +397,8 @@ def test_fresh_control(tiny_models: dict[str, Path]) -> None:
 # -- command line ----------------------------------------------------------------------------
 
 
-def run_cli(tmp_path: Path, model: Path, source: list[str]) -> tuple[object, Path]:
-    out = tmp_path / "out"
+def run_cli(tmp_path: Path, model: Path, source: list[str], out_name: str = "out") -> tuple[object, Path]:
+    out = tmp_path / out_name
     args = [
         "eval",
         "quality",
@@ -465,13 +490,27 @@ def test_json_records_the_command(cli_text_run: tuple[object, Path]) -> None:
 
 
 @pytest.fixture(scope="module")
-def cli_gsm8k_cells(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> list[dict[str, object]]:
+def cli_gsm8k_runs(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Run the three GSM8K items at once, then as two parts (item 0; items 1 and 2) to be merged."""
     tmp_path = tmp_path_factory.mktemp("quality-cli-gsm8k")
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in GSM8K_LINES), encoding="utf-8")
-    result, out = run_cli(tmp_path, tiny_models["llama"], ["--gsm8k", str(path), "--answer-tokens", "12"])
-    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
-    return json.loads((out / "quality.json").read_text(encoding="utf-8"))["cells"]
+    source = ["--gsm8k", str(path), "--answer-tokens", "12"]
+    runs = {
+        "whole": source,
+        "part1": [*source, "--n-contexts", "1"],
+        "part2": [*source, "--first-context", "1", "--n-contexts", "5"],
+    }
+    outs = {}
+    for name, args in runs.items():
+        result, outs[name] = run_cli(tmp_path, tiny_models["llama"], args, out_name=name)
+        assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def cli_gsm8k_cells(cli_gsm8k_runs: dict[str, Path]) -> list[dict[str, object]]:
+    return json.loads((cli_gsm8k_runs["whole"] / "quality.json").read_text(encoding="utf-8"))["cells"]
 
 
 def test_gsm8k_lossless_loglik_matches(cli_gsm8k_cells: list[dict[str, object]]) -> None:
@@ -486,6 +525,61 @@ def test_gsm8k_gold_answers_in_file_order(cli_gsm8k_cells: list[dict[str, object
 
 def test_gsm8k_cells_score_answers(cli_gsm8k_cells: list[dict[str, object]]) -> None:
     assert all(isinstance(c["correct"], bool) for c in cli_gsm8k_cells)
+
+
+# Summary fields that measure time, which differs between runs of the same cells.
+TIMING_FIELDS = ("export_ms", "measure_ms")
+
+
+def without_timing(summary: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: v for k, v in entry.items() if k not in TIMING_FIELDS} for entry in summary]
+
+
+def test_merged_parts_equal_the_whole_run(cli_gsm8k_runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    parts = [str(cli_gsm8k_runs["part1"]), str(cli_gsm8k_runs["part2"])]
+    result = CliRunner().invoke(app, ["eval", "merge", *parts, "--out", str(out), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    merged = json.loads((out / "quality.json").read_text(encoding="utf-8"))
+    whole = json.loads((cli_gsm8k_runs["whole"] / "quality.json").read_text(encoding="utf-8"))
+    assert [i["context_id"] for i in merged["items"]] == ["gsm8k-0", "gsm8k-1", "gsm8k-2"]
+    assert without_timing(merged["summary"]) == without_timing(whole["summary"])
+    assert "Joined from 2 runs:" in (out / "quality.md").read_text(encoding="utf-8")
+
+
+def test_merge_rejects_a_context_in_two_runs(cli_gsm8k_runs: dict[str, Path], tmp_path: Path) -> None:
+    parts = [str(cli_gsm8k_runs["whole"]), str(cli_gsm8k_runs["part2"])]
+    result = CliRunner().invoke(app, ["eval", "merge", *parts, "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 1
+    assert "context gsm8k-1 is in run 1 and run 2" in result.output
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_rejects_runs_with_other_settings(cli_gsm8k_runs: dict[str, Path], tmp_path: Path) -> None:
+    document = json.loads((cli_gsm8k_runs["part2"] / "quality.json").read_text(encoding="utf-8"))
+    document["config"]["budgets"] = [3.0]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(document), encoding="utf-8")
+    result = CliRunner().invoke(
+        app, ["eval", "merge", str(cli_gsm8k_runs["part1"]), str(other), "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 1
+    assert "run 2 has other settings than run 1 (budgets [4.0, 16.0] against [3.0])" in result.output
+
+
+def test_merge_refuses_to_overwrite_a_run(cli_gsm8k_runs: dict[str, Path]) -> None:
+    before = (cli_gsm8k_runs["part1"] / "quality.json").read_bytes()
+    parts = [str(cli_gsm8k_runs["part1"]), str(cli_gsm8k_runs["part2"])]
+    result = CliRunner().invoke(app, ["eval", "merge", *parts, "--out", str(cli_gsm8k_runs["part1"])])
+    assert result.exit_code == 1
+    assert "is the folder of run" in result.output
+    assert (cli_gsm8k_runs["part1"] / "quality.json").read_bytes() == before
+
+
+def test_merge_names_a_missing_run(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", "merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert "nowhere does not exist; pass the --out folder of an `eval quality` run" in result.output
 
 
 def test_cli_rejects_an_unknown_controller(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
