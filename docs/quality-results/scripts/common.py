@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, n_contexts: int, threads: int
     parser.add_argument("--threads", type=int, default=threads)
 
 
-def load_items(args: argparse.Namespace) -> tuple[str, list[EvalItem]]:
+def load_items(args: argparse.Namespace, continuation_tokens: int = CONTINUATION_TOKENS) -> tuple[str, list[EvalItem]]:
     """Resolve --model and cut --text into contexts as the quality harness does (seed 0)."""
     path = str(resolve_model(args.model))
     tokenizer = Tokenizer(path)
@@ -39,7 +39,7 @@ def load_items(args: argparse.Namespace) -> tuple[str, list[EvalItem]]:
                 tokenizer,
                 f.read(),
                 n_context_tokens=args.context_tokens,
-                continuation_tokens=CONTINUATION_TOKENS,
+                continuation_tokens=continuation_tokens,
                 n_contexts=args.n_contexts,
                 seed=0,
             )
