@@ -854,9 +854,10 @@ def run_quality(
     }
 
 
-# Settings that may differ between parts of one run: where the model file lies,
-# how many threads computed it (each dot product stays on one thread, so the
-# numbers do not change), the command line and the context size the parts' longest item needed.
+# Settings that may differ between parts of one run: where the model file lies, the
+# thread count, the command line and the context size that the longest item needed.
+# NOTE: the thread count is assumed not to change the numbers, because ggml's CPU kernels
+# split rows between threads, not single dot products; runs with other counts were not compared.
 _PART_SETTINGS = ("model_path", "n_threads", "command", "n_ctx")
 
 
