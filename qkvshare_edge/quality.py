@@ -175,7 +175,7 @@ def text_items(
     When the text contains enough tokens the contexts are consecutive windows
     from its start, beginning with window number `first_context`. A shorter
     text is repeated (joined by a blank line) and the windows start at
-    distinct token offsets drawn with `seed`; `first_context` must then be 0,
+    distinct token offsets drawn with `seed`. There `first_context` must be 0,
     because another draw could repeat a window of an earlier part.
 
     Raises:
@@ -228,7 +228,7 @@ def text_items(
 
 
 def read_gsm8k(path: Path, n_items: int, first: int = 0) -> list[tuple[str, str]]:
-    """Return (question, answer) of `n_items` records of a GSM8K-style JSONL file, after skipping `first`.
+    """Return (question, answer) of the `n_items` records of a GSM8K-style JSONL file that follow the first `first`.
 
     Raises:
         ValueError: for a line that is not a JSON object with string `question` and `answer`.
@@ -257,7 +257,7 @@ def read_gsm8k(path: Path, n_items: int, first: int = 0) -> list[tuple[str, str]
 def gsm8k_items(
     tokenize: Callable[..., list[int]], problems: Sequence[tuple[str, str]], first: int = 0
 ) -> list[EvalItem]:
-    """Build items from (question, reference solution) pairs; `first` is the file index of the first pair.
+    """Build items from (question, reference solution) pairs, numbered from `first` (the file index of the first pair).
 
     The context is 'Question: <question>' (BOS first); the receiver is
     prompted with '\\nAnswer:' and scored on ' <solution>' with its
@@ -857,7 +857,7 @@ def run_quality(
 # Settings that may differ between parts of one run: where the model file lies, the
 # thread count, the command line and the context size that the longest item needed.
 # NOTE: the thread count is assumed not to change the numbers, because ggml's CPU kernels
-# split rows between threads, not single dot products; runs with other counts were not compared.
+# split rows between threads, not single dot products. Runs with other counts were not compared.
 _PART_SETTINGS = ("model_path", "n_threads", "command", "n_ctx")
 
 
@@ -873,7 +873,7 @@ def merge_results(parts: Sequence[dict[str, Any]], command: str) -> dict[str, An
         ValueError: for no parts, parts with other settings, or a context measured by two parts.
     """
     if not parts:
-        raise ValueError("no runs to merge; pass the output folders of two or more `eval quality` runs")
+        raise ValueError("no runs to merge. Pass the output folders of two or more `eval quality` runs")
     first = {k: v for k, v in parts[0]["config"].items() if k not in _PART_SETTINGS}
     for number, part in enumerate(parts[1:], start=2):
         other = {k: v for k, v in part["config"].items() if k not in _PART_SETTINGS}
@@ -881,8 +881,8 @@ def merge_results(parts: Sequence[dict[str, Any]], command: str) -> dict[str, An
         if differing:
             details = ", ".join(f"{k} {first.get(k)!r} against {other.get(k)!r}" for k in differing)
             raise ValueError(
-                f"run {number} has other settings than run 1 ({details}); only runs that differ in their "
-                "contexts (--first-context, --n-contexts) measure the same table"
+                f"run {number} has other settings than run 1 ({details}). Only runs that differ in their "
+                "contexts (--first-context, --n-contexts) can be merged"
             )
     owner: dict[str, int] = {}
     for number, part in enumerate(parts, start=1):
@@ -890,7 +890,7 @@ def merge_results(parts: Sequence[dict[str, Any]], command: str) -> dict[str, An
             context_id = item["context_id"]
             if context_id in owner:
                 raise ValueError(
-                    f"context {context_id} is in run {owner[context_id]} and run {number}; give each run "
+                    f"context {context_id} is in run {owner[context_id]} and run {number}. Give each run "
                     "its own contexts with --first-context"
                 )
             owner[context_id] = number
@@ -916,14 +916,15 @@ def read_result(path: Path) -> dict[str, Any]:
     """
     file = path / "quality.json" if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"{file} does not exist; pass the --out folder of an `eval quality` run")
+        raise ValueError(f"{file} not found. Pass the --out folder of an `eval quality` run")
     try:
         document = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file} is not a JSON result document ({exc})") from None
+        raise ValueError(f"{file} is not a valid JSON result document ({exc})") from None
     keys = ("command", "config", "environment", "started", "wall_s", "items", "cells")
-    if not isinstance(document, dict) or any(key not in document for key in keys):
-        raise ValueError(f"{file} is not the quality.json of an `eval quality` run (it lacks {', '.join(keys)})")
+    missing = [key for key in keys if key not in document] if isinstance(document, dict) else list(keys)
+    if missing:
+        raise ValueError(f"{file} is not the quality.json of an `eval quality` run (missing: {', '.join(missing)})")
     return document
 
 

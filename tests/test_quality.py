@@ -206,13 +206,13 @@ def test_gsm8k_items(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     assert all(i.follow[: i.n_prompt] == prompt for i in items)
 
 
-def test_text_items_first_context_continues_the_windows(tiny_models: dict[str, Path]) -> None:
+def test_first_context_continues_windows(tiny_models: dict[str, Path]) -> None:
     whole = text_items(tiny_models["llama"], n_contexts=3, text=TEXT * 4)
     part = text_items(tiny_models["llama"], n_contexts=2, text=TEXT * 4, first_context=1)
     assert part == whole[1:]
 
 
-def test_text_items_first_context_needs_consecutive_windows(tiny_models: dict[str, Path]) -> None:
+def test_first_context_needs_consecutive_windows(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="--first-context 1 with --n-contexts 40"):
         text_items(tiny_models["llama"], n_contexts=40, first_context=1)
 
@@ -491,7 +491,7 @@ def test_json_records_the_command(cli_text_run: tuple[object, Path]) -> None:
 
 @pytest.fixture(scope="module")
 def cli_gsm8k_runs(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> dict[str, Path]:
-    """Run the three GSM8K items at once, then as two parts (item 0; items 1 and 2) to be merged."""
+    """Run the three GSM8K items at once, then as two parts to be merged: item 0, and items 1 and 2."""
     tmp_path = tmp_path_factory.mktemp("quality-cli-gsm8k")
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in GSM8K_LINES), encoding="utf-8")
@@ -567,7 +567,7 @@ def test_merge_rejects_runs_with_other_settings(cli_gsm8k_runs: dict[str, Path],
     assert "run 2 has other settings than run 1 (budgets [4.0, 16.0] against [3.0])" in result.output
 
 
-def test_merge_refuses_to_overwrite_a_run(cli_gsm8k_runs: dict[str, Path]) -> None:
+def test_merge_rejects_a_part_folder(cli_gsm8k_runs: dict[str, Path]) -> None:
     before = (cli_gsm8k_runs["part1"] / "quality.json").read_bytes()
     parts = [str(cli_gsm8k_runs["part1"]), str(cli_gsm8k_runs["part2"])]
     result = CliRunner().invoke(app, ["eval", "merge", *parts, "--out", str(cli_gsm8k_runs["part1"])])
@@ -579,7 +579,7 @@ def test_merge_refuses_to_overwrite_a_run(cli_gsm8k_runs: dict[str, Path]) -> No
 def test_merge_names_a_missing_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["eval", "merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
     assert result.exit_code == 1
-    assert "nowhere does not exist; pass the --out folder of an `eval quality` run" in result.output
+    assert "nowhere not found. Pass the --out folder of an `eval quality` run" in result.output
 
 
 def test_cli_rejects_an_unknown_controller(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
@@ -588,3 +588,11 @@ def test_cli_rejects_an_unknown_controller(tmp_path: Path, tiny_models: dict[str
     )
     assert result.exit_code == 1
     assert "unknown controller" in result.output
+
+
+def test_merge_names_missing_result_fields(tmp_path: Path) -> None:
+    partial = tmp_path / "partial.json"
+    partial.write_text('{"command": "qkvedge eval quality", "cells": []}', encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", "merge", str(partial), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert "(missing: config, environment, started, wall_s, items)" in result.output
